@@ -1,0 +1,430 @@
+"""LightningDataModule for multi-domain image classification (DomainBed sets and DomainNet).
+
+Local data uses the datasets' own layout, one folder per domain with one sub-folder per class
+(see :mod:`app.data.image_folders`); DomainNet may also use its official split files. Users with
+the hub can instead pass ``hub_dataset``: a dataset with columns ``image``, ``label``, ``domain``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from app.data.image_folders import (
+    DomainSplit,
+    build_class_index,
+    leave_one_domain_out,
+    scan_domain_folders,
+    split_from_files,
+)
+from app.data.image_transforms import EvalTransform, TrainTransform, image_geometry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a dataset lives locally and which domains identify it."""
+
+    folders: tuple[str, ...]
+    """Folder names tried under ``data_dir`` (DomainBed's first)."""
+    domains: tuple[str, ...]
+    """Known domain folder names; ``data_dir`` holding any of them is the dataset folder."""
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "pacs": DatasetInfo(("PACS", "pacs"), ("art_painting", "cartoon", "photo", "sketch")),
+    "vlcs": DatasetInfo(("VLCS", "vlcs"), ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
+    "office_home": DatasetInfo(
+        ("office_home", "OfficeHome", "officehome", "OfficeHomeDataset_10072016"),
+        ("Art", "Clipart", "Product", "Real World", "Real_World", "RealWorld"),
+    ),
+    "terra_incognita": DatasetInfo(
+        ("terra_incognita", "TerraIncognita"),
+        ("location_100", "location_38", "location_43", "location_46"),
+    ),
+    "domainnet": DatasetInfo(
+        ("domain_net", "domainnet", "DomainNet"),
+        ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+    ),
+}
+
+
+class Sample(NamedTuple):
+    """One example: ``source`` is a path relative to the dataset folder or a hub row index."""
+
+    source: str | int
+    label: int
+    domain: int
+
+
+class FileLoader:
+    """Open ``root / relpath`` as an RGB PIL image (picklable, for DataLoader workers)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def describe(self, source: str | int) -> str:
+        return str(self.root / str(source))
+
+    def __call__(self, source: str | int) -> Image.Image:
+        with Image.open(self.root / str(source)) as image:
+            return image.convert("RGB")
+
+
+class HubLoader:
+    """Read the ``image`` column of one row of a ``datasets.Dataset``."""
+
+    def __init__(self, dataset: Any, name: str) -> None:
+        self.dataset, self.name = dataset, name
+
+    def describe(self, source: str | int) -> str:
+        return f"{self.name} row {source}"
+
+    def __call__(self, source: str | int) -> Image.Image:
+        image = self.dataset[int(source)]["image"]
+        if isinstance(image, dict):  # undecoded {"bytes", "path"}
+            image = Image.open(image.get("path") or io.BytesIO(image["bytes"]))
+        return image.convert("RGB")
+
+
+class DomainImageDataset(Dataset):
+    """Map-style dataset of :class:`Sample`; items are dicts, ``None`` for a skipped bad image."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        loader: FileLoader | HubLoader,
+        transform: Callable[[Image.Image], torch.Tensor],
+        on_bad_image: Literal["skip", "error"] = "skip",
+    ) -> None:
+        self.samples, self.loader = list(samples), loader
+        self.transform, self.on_bad_image = transform, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sample = self.samples[index]
+        try:
+            image = self.loader(sample.source)
+        except (OSError, ValueError, SyntaxError) as exc:
+            where = self.loader.describe(sample.source)
+            if self.on_bad_image == "error":
+                raise OSError(f"cannot read image {where}: {exc}") from exc
+            log.warning("skipping unreadable image %s: %s", where, exc)
+            return None
+        pixels = self.transform(image)
+        return {"pixel_values": pixels, "label": sample.label, "domain": sample.domain}
+
+
+def collate_images(examples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+    """Stack examples into ``pixel_values (B,3,H,W)``, ``labels (B,)``, ``domain (B,)``.
+
+    ``None`` entries (images skipped while loading) are dropped, so a batch may be smaller.
+    """
+    kept = [e for e in examples if e is not None]
+    if len(kept) < len(examples):
+        log.warning("dropped %d unreadable image(s) from a batch", len(examples) - len(kept))
+    if not kept:
+        raise RuntimeError("every image of a batch was unreadable; check the data folder")
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in kept]),
+        "labels": torch.tensor([e["label"] for e in kept], dtype=torch.long),
+        "domain": torch.tensor([e["domain"] for e in kept], dtype=torch.long),
+    }
+
+
+def find_dataset_folder(dataset: str, data_dir: str | None) -> Path:
+    """Return the folder holding the domain folders of ``dataset``.
+
+    ``data_dir`` is either that folder (it contains a known domain folder) or its parent (it
+    contains one of the dataset's usual folder names, e.g. ``PACS`` or ``pacs``). ``None`` means
+    ``./data``.
+
+    Raises:
+        FileNotFoundError: Saying where it looked and how to provide the data.
+    """
+    info = DATASETS[dataset]
+    root = Path(data_dir if data_dir is not None else "data").expanduser()
+    looked = [root / name for name in info.folders] + [root]
+    for folder in looked[:-1]:
+        if folder.is_dir():
+            return folder
+    if root.is_dir() and any((root / d).is_dir() for d in info.domains):
+        return root
+    raise FileNotFoundError(
+        f"no {dataset!r} data found; looked in {[str(p) for p in looked]}. Set data_dir to a "
+        f"folder with one sub-folder per domain (e.g. {list(info.domains)}), each with one "
+        "sub-folder per class, or to its parent; or set hub_dataset to a Hugging Face dataset "
+        "with columns image, label, domain."
+    )
+
+
+class DomainImageDataModule(LightningDataModule):
+    """Leave-domains-out image classification data (DomainBed protocol).
+
+    Train is the training domains minus a random ``holdout_fraction`` of each, val is those
+    hold-outs (training-domain validation), test is every image of each test domain.
+    ``test_dataloader`` / ``predict_dataloader`` return one loader per test domain, in the
+    order of :attr:`test_domain_names` (the order given in ``test_domains``), so metrics can
+    be reported per domain. Batches are ``{"pixel_values", "labels", "domain"}``, where
+    ``domain`` indexes :attr:`domain_names`. Batches mix the training domains (ERM sampling).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        test_domains: list[str],
+        checkpoint: str,
+        data_dir: str | None = None,
+        train_domains: list[str] | None = None,
+        holdout_fraction: float = 0.2,
+        image_size: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        use_split_files: bool = False,
+        on_bad_image: Literal["skip", "error"] = "skip",
+        hub_dataset: str | None = None,
+        augment: bool = True,
+        crop_scale: tuple[float, float] = (0.7, 1.0),
+        allow_missing_classes: bool = False,
+    ) -> None:
+        """Store the options; nothing is read until :meth:`setup` (or a property needs it).
+
+        Args:
+            dataset: One of ``pacs``, ``vlcs``, ``office_home``, ``terra_incognita``,
+                ``domainnet``.
+            test_domains: Held-out domains, e.g. ``["sketch"]``.
+            checkpoint: Model checkpoint (hub name or folder) whose image processor gives the
+                input size and normalisation; linked from the model.
+            data_dir: Folder with one sub-folder per domain, or its parent; ``None`` means
+                ``./data``. Ignored when ``hub_dataset`` is set.
+            train_domains: Training domains; ``None`` means all domains not tested on.
+            holdout_fraction: Fraction of each training domain held out for validation.
+            image_size: Square input size overriding the processor's.
+            batch_size: Examples per batch in every loader.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the hold-out split and of the training shuffle.
+            use_split_files: DomainNet only: train on ``<domain>_train.txt`` and validate on
+                ``<domain>_test.txt`` of the training domains instead of a random hold-out.
+            on_bad_image: ``skip`` drops unreadable images (count logged at WARNING),
+                ``error`` raises naming the file.
+            hub_dataset: Hugging Face dataset with columns ``image``, ``label``, ``domain``,
+                loaded with ``datasets.load_dataset`` (all splits pooled).
+            augment: Use DomainBed's training augmentation; else the eval transform.
+            crop_scale: Area range of the random resized crop (torchvision's is (0.08, 1)).
+            allow_missing_classes: Only warn if a class is missing from a domain.
+
+        Raises:
+            ValueError: For an unknown dataset or an invalid option.
+        """
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; valid: {sorted(DATASETS)}")
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        if use_split_files and (dataset != "domainnet" or hub_dataset):
+            raise ValueError("use_split_files works only for dataset='domainnet' from data_dir")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        self.save_hyperparameters()
+        self.dataset, self.data_dir, self.checkpoint = dataset, data_dir, checkpoint
+        self.test_domains, self.train_domains = list(test_domains), train_domains
+        self.holdout_fraction, self.image_size, self.seed = holdout_fraction, image_size, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.use_split_files, self.hub_dataset = use_split_files, hub_dataset
+        self.on_bad_image, self.allow_missing_classes = on_bad_image, allow_missing_classes
+        self.augment, self.crop_scale = augment, tuple(crop_scale)
+        self._index: tuple[list[str], list[str], DomainSplit[Any], Any] | None = None
+        self.train_set: DomainImageDataset | None = None
+        self.val_set: DomainImageDataset | None = None
+        self.test_sets: list[DomainImageDataset] = []
+
+    # ----- index: parsing and splitting (cached; no image is opened) -----
+
+    def _build_index(self) -> tuple[list[str], list[str], DomainSplit[Any], Any]:
+        """Return ``(class_names, domain_names, split of (item, class_name), loader)``."""
+        if self._index is not None:
+            return self._index
+        if self.hub_dataset:
+            by_domain, loader = self._hub_items()
+        else:
+            root = find_dataset_folder(self.dataset, self.data_dir)
+            if self.use_split_files:
+                classes, domains, split = split_from_files(
+                    root, self.test_domains, self.train_domains, self.allow_missing_classes
+                )
+                self._index = (classes, domains, split, FileLoader(root))
+                return self._index
+            by_domain, loader = scan_domain_folders(root), FileLoader(root)
+        classes = build_class_index(by_domain, self.allow_missing_classes)
+        split = leave_one_domain_out(
+            by_domain, self.test_domains, self.holdout_fraction, self.seed, self.train_domains
+        )
+        self._index = (classes, sorted(by_domain), split, loader)
+        return self._index
+
+    def _load_hub(self) -> Any:
+        import datasets
+
+        try:
+            loaded = datasets.load_dataset(self.hub_dataset)
+        except Exception as exc:  # offline, unknown name, auth: all mean "not available"
+            raise FileNotFoundError(
+                f"could not load hub dataset {self.hub_dataset!r} ({type(exc).__name__}: {exc}). "
+                "Offline, set data_dir to a folder with one sub-folder per domain instead."
+            ) from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = datasets.concatenate_datasets(list(loaded.values()))
+        missing = {"image", "label", "domain"} - set(loaded.column_names)
+        if missing:
+            raise ValueError(
+                f"hub dataset {self.hub_dataset!r} lacks column(s) {sorted(missing)}; "
+                f"it has {loaded.column_names}"
+            )
+        return loaded
+
+    def _hub_items(self) -> tuple[dict[str, list[tuple[int, str]]], HubLoader]:
+        data = self._load_hub()
+
+        def names(column: str) -> list[str]:
+            values = list(data[column])
+            feature = data.features[column]
+            if hasattr(feature, "int2str"):
+                return [feature.int2str(int(v)) for v in values]
+            if all(isinstance(v, int) for v in values):  # zero-pad so sorting keeps int order
+                width = len(str(max(values, default=0)))
+                return [f"{v:0{width}d}" for v in values]
+            return [str(v) for v in values]
+
+        by_domain: dict[str, list[tuple[int, str]]] = {}
+        for row, (domain, label) in enumerate(zip(names("domain"), names("label"), strict=True)):
+            by_domain.setdefault(domain, []).append((row, label))
+        return dict(sorted(by_domain.items())), HubLoader(data, str(self.hub_dataset))
+
+    # ----- Lightning hooks -----
+
+    def prepare_data(self) -> None:
+        """Download the hub dataset into the ``datasets`` cache (local folders need nothing)."""
+        if self.hub_dataset:
+            self._load_hub()
+
+    def _processor(self) -> Any:
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(self.checkpoint)
+        except (OSError, ValueError) as exc:
+            raise OSError(
+                f"cannot load an image processor from checkpoint {self.checkpoint!r}; save one "
+                "there (e.g. ViTImageProcessor(...).save_pretrained(folder))"
+            ) from exc
+
+    def _samples(
+        self, pairs: Sequence[tuple[str, tuple[Any, str]]], loader: Any
+    ) -> list[Sample]:
+        classes, domains, _, _ = self._build_index()
+        c_idx = {c: i for i, c in enumerate(classes)}
+        d_idx = {d: i for i, d in enumerate(domains)}
+        samples = [Sample(item, c_idx[c], d_idx[d]) for d, (item, c) in pairs]
+        if not isinstance(loader, FileLoader):
+            return samples
+        good, bad = [], []
+        for sample in samples:
+            path = loader.root / str(sample.source)
+            try:
+                with Image.open(path):  # header only: cheap, catches non-images and empty files
+                    good.append(sample)
+            except (OSError, SyntaxError, ValueError) as exc:
+                if self.on_bad_image == "error":
+                    raise OSError(f"cannot read image {path}: {exc}") from exc
+                bad.append(path)
+        if bad:
+            log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0])
+        return good
+
+    def setup(self, stage: str | None = None) -> None:
+        """Parse and split the data, check images open, and build the datasets (idempotent)."""
+        if self.train_set is not None:
+            return
+        _, _, split, loader = self._build_index()
+        geometry = image_geometry(self._processor(), image_size=self.image_size)
+        eval_tf = EvalTransform(geometry)
+        train_tf = TrainTransform(geometry, scale=self.crop_scale) if self.augment else eval_tf
+
+        def make(pairs: Sequence[tuple[str, Any]], tf: Any) -> DomainImageDataset:
+            return DomainImageDataset(self._samples(pairs, loader), loader, tf, self.on_bad_image)
+
+        self.train_set = make(split.train, train_tf)
+        self.val_set = make(split.val, eval_tf)
+        self.test_sets = [
+            make([p for p in split.test if p[0] == d], eval_tf) for d in self.test_domain_names
+        ]
+
+    # ----- properties -----
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class names; label ``i`` is ``class_names[i]``."""
+        return list(self._build_index()[0])
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (link this to the model)."""
+        return len(self.class_names)
+
+    @property
+    def domain_names(self) -> list[str]:
+        """All domains found, sorted; a batch's ``domain`` indexes this list."""
+        return list(self._build_index()[1])
+
+    @property
+    def test_domain_names(self) -> list[str]:
+        """Test domains in the order of the test / predict dataloaders."""
+        return list(dict.fromkeys(self.test_domains))
+
+    # ----- loaders -----
+
+    def _loader(self, data: DomainImageDataset | None, shuffle: bool = False) -> DataLoader:
+        if data is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader over the training domains (minus their hold-outs)."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Loader over the hold-outs of all training domains."""
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test domain, in :attr:`test_domain_names` order."""
+        if not self.test_sets:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return [self._loader(d) for d in self.test_sets]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Same as :meth:`test_dataloader`."""
+        return self.test_dataloader()

@@ -1,0 +1,255 @@
+"""What every task module shares: a Hugging Face model plus an adapter, an injected optimizer
+and schedule, adapter-only checkpoints and PEFT export.
+
+Task modules (classification, question answering, images) subclass :class:`AdaptedModule` and
+implement :meth:`AdaptedModule.build_model` and their steps and metrics. One level of
+inheritance only; the adapter logic itself lives in :mod:`app.adapters` as functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftConfig, PeftModel
+
+from app.adapters import (
+    AdapterConfig,
+    adapter_state_keys,
+    apply_adapter,
+    check_adapter,
+    head_module_names,
+)
+from app.errors import ConfigError
+from app.hub import load_pretrained, resolve_checkpoint
+from app.optim.schedules import WarmupDecay
+
+log = logging.getLogger(__name__)
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW, lr 2e-4, weight decay 0.01: the default when the YAML names no optimizer."""
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupDecay:
+    """Linear warm-up over 6% of the steps, then linear decay to zero."""
+    return WarmupDecay(optimizer, warmup=0.06)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _no_decay(name: str, param: torch.Tensor, patterns: tuple[str, ...]) -> bool:
+    return param.ndim < 2 or any(p in name for p in patterns)
+
+
+class AdaptedModule(L.LightningModule):
+    """Base of the task modules.
+
+    Args:
+        checkpoint: Base model: hub id, local folder, or ``pkg:<module>`` (see
+            :func:`app.hub.resolve_checkpoint`).
+        adapter: ``None`` for full fine-tuning, a ``peft`` config (``class_path:
+            peft.LoraConfig``) or one of ``app.adapters``' configs.
+        optimizer: Optimizer factory; receives named parameter groups (weight decay off for
+            biases, norms and ``no_decay_patterns``). Default AdamW(lr=2e-4, wd=0.01).
+        scheduler: Schedule factory, stepped every optimizer step; if it has
+            ``set_total_steps`` it is told ``trainer.estimated_stepping_batches``.
+        loraplus_lr_ratio: If set, build the optimizer with PEFT's LoRA+ factory
+            (``peft.optimizers.create_loraplus_optimizer``): B factors get this multiple of
+            the optimizer's learning rate.
+    """
+
+    #: Parameter-name substrings kept out of weight decay (adapters extend this).
+    no_decay_patterns: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        checkpoint: str,
+        adapter: PeftConfig | AdapterConfig | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable = default_scheduler,
+        loraplus_lr_ratio: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.adapter = adapter
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        if loraplus_lr_ratio is not None and not isinstance(adapter, PeftConfig):
+            raise ConfigError("model.init_args.loraplus_lr_ratio needs a PEFT LoRA adapter")
+        self.model: torch.nn.Module | None = None
+        # Adapter-only checkpoints: the frozen base is reloaded from `checkpoint`.
+        self.strict_loading = False
+        self._initial_adapter_dir: tempfile.TemporaryDirectory | None = None
+        self.hf_config = load_pretrained(self.config_class(), checkpoint, **self.config_kwargs())
+        with torch.device("meta"):
+            check_adapter(self.model_class().from_config(self.hf_config), adapter)
+
+    # -- subclass interface ---------------------------------------------------------------
+    def model_class(self) -> Any:
+        """The transformers ``AutoModelFor*`` class of the task."""
+        raise NotImplementedError
+
+    def config_class(self) -> Any:
+        """The transformers config factory (``AutoConfig``)."""
+        from transformers import AutoConfig
+
+        return AutoConfig
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """Extra ``AutoConfig.from_pretrained`` arguments (labels, problem type)."""
+        return {}
+
+    # -- model ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the pretrained model and apply the adapter (once)."""
+        if self.model is not None:
+            return
+        base = load_pretrained(self.model_class(), self.checkpoint, config=self.hf_config)
+        heads = head_module_names(base)
+        self.model = apply_adapter(base, self.adapter, heads)
+        self.model.train()  # from_pretrained returns eval mode; dropout must be on for fit
+        self._keep_initial_adapter()
+        trainable, total = count_parameters(self.model)
+        rank_zero_info(
+            f"parameters: trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+            f" | adapter {type(self.adapter).__name__ if self.adapter else 'none (full FT)'}"
+            f" | heads {heads}"
+        )
+
+    def _keep_initial_adapter(self) -> None:
+        """PiSSA / OLoRA change the base weights; PEFT converts them to plain LoRA at save time
+        from the initial adapter, which is kept here (it is recomputed on every rebuild)."""
+        init = getattr(self.adapter, "init_lora_weights", True)
+        if isinstance(self.model, PeftModel) and isinstance(init, str) and (
+            init.startswith("pissa") or init == "olora"
+        ):
+            self._initial_adapter_dir = tempfile.TemporaryDirectory(prefix="initial-adapter-")
+            config = self.model.peft_config["default"]
+            config.init_lora_weights = True
+            self.model.save_pretrained(self._initial_adapter_dir.name)
+            config.init_lora_weights = init
+
+    @property
+    def trainable_state_keys(self) -> set[str]:
+        """``state_dict`` keys a checkpoint holds (see :func:`app.adapters.adapter_state_keys`)."""
+        assert self.model is not None
+        return {f"model.{k}" for k in adapter_state_keys(self.model)}
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        assert self.model is not None
+        if self.loraplus_lr_ratio is not None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            probe = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).defaults
+            optimizer = create_loraplus_optimizer(
+                self.model, self.optimizer_factory, lr=probe["lr"],
+                loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=probe.get("weight_decay", 0.0),
+            )
+        else:
+            optimizer = self.optimizer_factory(self.parameter_groups())
+        scheduler = self.scheduler_factory(optimizer)
+        if hasattr(scheduler, "set_total_steps"):
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Named parameter groups: weight decay on matrices, none on vectors and on
+        ``no_decay_patterns`` (torch optimizers record the names as ``param_names``)."""
+        assert self.model is not None
+        patterns = self.no_decay_patterns + tuple(getattr(self.adapter, "no_decay_patterns", ()))
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if _no_decay(name, param, patterns) else decay).append((name, param))
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is None:
+            self.configure_model()
+        stored = set(checkpoint["state_dict"])
+        expected = self.trainable_state_keys
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        if missing or unexpected:
+            raise ConfigError(
+                "checkpoint does not match this model and adapter: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}); resume with the same method and model config"
+            )
+
+    # -- export ---------------------------------------------------------------------------
+    def save_adapter(self, directory: str | os.PathLike, tokenizer_source: str | None = None
+                     ) -> Path:
+        """Write the trained part for reuse outside this project.
+
+        PEFT adapters go out in PEFT's own format (``PeftModel.from_pretrained`` loads them;
+        PiSSA / OLoRA converted to plain LoRA), full fine-tuning as a complete Hugging Face
+        model. The model config (labels, problem type) and the tokenizer are written beside
+        it. The folder appears atomically: it is written under a temporary name and renamed.
+
+        Returns:
+            The folder written.
+        """
+        assert self.model is not None
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            self._write_export(tmp)
+            self._save_tokenizer(tmp, tokenizer_source)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _write_export(self, folder: Path) -> None:
+        model = self.model
+        exporter: Callable[[Path], None] | None = getattr(self.adapter, "export", None)
+        if isinstance(model, PeftModel):
+            model.peft_config["default"].base_model_name_or_path = resolve_checkpoint(
+                self.checkpoint)
+            kwargs = {}
+            if self._initial_adapter_dir is not None:
+                kwargs["path_initial_model_for_weight_conversion"] = self._initial_adapter_dir.name
+            model.save_pretrained(str(folder), **kwargs)
+            model.base_model.model.config.save_pretrained(str(folder))
+        elif callable(exporter):
+            exporter(model, folder, resolve_checkpoint(self.checkpoint))
+        else:
+            model.save_pretrained(str(folder))
+
+    def _save_tokenizer(self, folder: Path, source: str | None) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = load_pretrained(AutoTokenizer, source or self.checkpoint)
+        except (ConfigError, ValueError, OSError) as err:  # image models have none
+            log.info("no tokenizer saved with the adapter: %s", err)
+            return
+        tokenizer.save_pretrained(str(folder))

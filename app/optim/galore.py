@@ -1,0 +1,439 @@
+r"""GaLore and GaRare: AdamW with Adam moments kept in a rank-``r`` projection of the gradient.
+
+For a targeted weight ``W`` (``p x q``, p rows, q cols) with gradient ``G`` and rank ``r``:
+
+* ``p >= q``: ``R = G P^T`` with ``P`` (``r x q``); back-projection ``D P``.
+* ``p < q``:  ``R = P^T G`` with ``P`` (``p x r``); back-projection ``P D``.
+
+Adam runs on ``R`` (moments of shape ``max(p, q) x r`` or transposed), ``D`` is its
+bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``, and
+
+.. math::
+    W \leftarrow W - \eta\, s\, \mathrm{back}(D), \qquad W \leftarrow W - \eta\, \lambda\, W
+
+(update, then decoupled weight decay; ``s`` = ``scale``). Per matrix the state is
+``2 r max(p, q)`` moment entries, plus the ``r min(p, q)`` projector for GaLore; GaRare stores no
+projector. All projected math and state are float32 whatever the parameter dtype.
+
+* **GaLore** (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+  Projection", ICML 2024): ``P`` holds the top-``r`` right (``p >= q``) or left (``p < q``)
+  singular vectors of ``G``, recomputed every ``update_proj_gap`` (T) steps and stored in the
+  state as a tensor (``"projector"``).
+* **GaRare** (Liu et al., "On the Optimization Landscape of Low Rank Adaptation Methods for
+  LLMs", ICLR 2025): ``P`` is random, regenerated at every step from a ``torch.Generator``
+  seeded by ``(seed, zlib.crc32(parameter name), step // T)`` and never stored, so every
+  data-parallel rank and a resumed run see the same ``P``.
+
+GaRare normalisation (decision): the Gaussian draw is orthonormalised by QR (sign-fixed, so
+``P`` is Haar-distributed on the Stiefel manifold, ``P P^T = I_r`` resp. ``P^T P = I_r``).
+Reason: with Adam in the projected space ``D`` has entries of order one whatever the gradient
+scale, so the step size is set by ``P``'s norm. Orthonormal ``P`` gives ``||back(D)||_F =
+||D||_F`` exactly as GaLore's singular vectors do, so GaLore's ``scale`` / ``lr`` settings
+(which the paper reuses for GaRare) transfer unchanged. Raw ``N(0, 1/r)`` entries
+(``E[P^T P] = I``) would instead enlarge the back-projected step by about
+``sqrt(min(p, q) / r)`` (about 9.8x for 768 at r = 8). The QR costs ``O(min(p, q) r^2)``,
+far below GaLore's SVD.
+
+Non-target parameters (not 2-D, not matched, or embeddings by default) get plain AdamW,
+numerically identical to ``torch.optim.AdamW`` (single-tensor path, decay before the update).
+The state holds tensors only (``step`` as a float32 CPU scalar tensor like torch's Adam), so
+``state_dict`` survives ``torch.load(weights_only=True)``. Sharded (``DTensor``) parameters
+are refused for projection: the SVD / projection of a local shard would be wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+__all__ = ["GaLoreAdamW", "GaRareAdamW", "projection_seed", "random_projection"]
+
+_MASK64 = (1 << 64) - 1
+_EMBEDDING_NAMES = ("wte", "wpe")
+_FP32_KEYS = ("exp_avg", "exp_avg_sq", "projector")
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def projection_seed(seed: int, name: str, block: int) -> int:
+    """Deterministic generator seed for GaRare's projection of one parameter in one block.
+
+    Args:
+        seed: The run seed.
+        name: The parameter's name (hashed with ``zlib.crc32``, never Python's ``hash``).
+        block: ``step // update_proj_gap``.
+
+    Returns:
+        A 63-bit seed, a splitmix64 mix of ``(seed, crc32(name), block)``.
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ zlib.crc32(name.encode("utf-8")))
+    h = _splitmix64(h ^ (block & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def random_projection(
+    name: str,
+    seed: int,
+    block: int,
+    shape: tuple[int, int],
+    rank: int,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """GaRare's projector for a ``p x q`` weight: a QR-orthonormalised Gaussian, float32.
+
+    Args:
+        name: Parameter name.
+        seed: Run seed.
+        block: ``step // update_proj_gap``.
+        shape: ``(p, q)`` of the weight.
+        rank: ``r``.
+        device: Where to draw it (CPU and CUDA generators give different numbers, so a run
+            must be resumed on the same device type).
+
+    Returns:
+        ``P`` of shape ``(r, q)`` with orthonormal rows if ``p >= q``, else ``(p, r)`` with
+        orthonormal columns.
+    """
+    p, q = shape
+    dim = min(q, p)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(projection_seed(seed, name, block))
+    z = torch.randn(dim, rank, generator=gen, device=device, dtype=torch.float32)
+    qmat, rmat = torch.linalg.qr(z)
+    signs = torch.where(torch.diagonal(rmat) < 0, -1.0, 1.0)
+    qmat = qmat * signs
+    return qmat.T.contiguous() if p >= q else qmat
+
+
+def _svd_projection(grad: Tensor, rank: int) -> Tensor:
+    """GaLore's projector: top-``r`` right (``p >= q``, ``r x q``) or left (``p x r``) vectors."""
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    if grad.shape[0] >= grad.shape[1]:
+        return vh[:rank].contiguous()
+    return u[:, :rank].contiguous()
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    padded = f".{name}."
+    return any(f".{t.strip('.')}." in padded for t in targets)
+
+
+def _is_embedding(name: str) -> bool:
+    parts = name.lower().split(".")
+    return any("embed" in part or part in _EMBEDDING_NAMES for part in parts)
+
+
+def _hyper(group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
+    return group["lr"], group["betas"], group["eps"], group["weight_decay"]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+class _ProjectedAdamW(Optimizer):
+    """Shared GaLore / GaRare implementation; use :class:`GaLoreAdamW` or :class:`GaRareAdamW`."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        target_modules: list[str] | None,
+        rank: int,
+        update_proj_gap: int,
+        scale: float,
+        projection: Literal["svd", "random"],
+        seed: int,
+    ) -> None:
+        for key, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if value < 0.0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if projection not in ("svd", "random"):
+            raise ValueError(f"projection must be 'svd' or 'random', got {projection!r}")
+        if isinstance(target_modules, str):
+            target_modules = [target_modules]
+        self.target_modules = None if target_modules is None else list(target_modules)
+        self.projection = projection
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "seed": seed,
+        }
+        super().__init__(params, defaults)
+        if self.target_modules is not None and not any(
+            any(g["projected"]) for g in self.param_groups
+        ):
+            two_d = [n for n, p in self._named(self.param_groups) if p.ndim == 2]
+            more = f" (and {len(two_d) - 5} more)" if len(two_d) > 5 else ""
+            shown = ", ".join(two_d[:5]) + more
+            raise ValueError(
+                f"target_modules={self.target_modules} matched no 2-D parameter name as a "
+                f"module-name component; 2-D parameters include: {shown or 'none'}"
+            )
+
+    @staticmethod
+    def _group_names(group: dict[str, Any], index: int) -> list[str]:
+        names = group.get("param_names")
+        if names is not None:
+            return list(names)
+        return [f"param_groups.{index}.{i}" for i in range(len(group["params"]))]
+
+    def _named(self, groups: list[dict[str, Any]]) -> list[tuple[str, Tensor]]:
+        return [
+            pair
+            for gi, g in enumerate(groups)
+            for pair in zip(self._group_names(g, gi), g["params"], strict=True)
+        ]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see ``torch.optim.Optimizer``) and decide which of its weights to project.
+
+        Raises:
+            ValueError: Unnamed parameters with ``target_modules`` set, ``rank`` < 1,
+                ``update_proj_gap`` < 1, or ``rank`` above ``min(p, q)`` of a targeted weight.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        rank, gap = group["rank"], group["update_proj_gap"]
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"update_proj_gap must be an integer >= 1, got {gap!r}")
+        named = "param_names" in group
+        if self.target_modules is not None and not named:
+            raise ValueError(
+                "target_modules needs named parameters to select weights: pass "
+                "model.named_parameters() (or param groups whose 'params' are (name, tensor) "
+                "pairs), or set target_modules=None to project every 2-D parameter"
+            )
+        flags: list[bool] = []
+        for name, p in zip(self._group_names(group, len(self.param_groups) - 1), group["params"],
+                           strict=True):
+            if p.ndim != 2:
+                flags.append(False)
+                continue
+            if self.target_modules is None:
+                flags.append(not (named and _is_embedding(name)))
+            else:
+                flags.append(_matches(name, self.target_modules))
+            if flags[-1] and rank > min(p.shape):
+                raise ValueError(
+                    f"rank={rank} exceeds min(p, q)={min(p.shape)} of targeted weight '{name}' "
+                    f"with shape {tuple(p.shape)}; lower rank or leave it out of target_modules"
+                )
+            if flags[-1] and _is_dtensor(p):
+                raise ValueError(
+                    f"'{name}' is a sharded DTensor: GaLore/GaRare need the full gradient "
+                    "matrix and do not support FSDP-sharded parameters"
+                )
+        group["projected"] = flags
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping projected moments / projector in float32.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype;
+        for projected weights the float32 tensors are restored afterwards.
+        """
+        keep: list[tuple[Tensor, dict[str, Tensor]]] = []
+        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            flags = saved.get("projected", [False] * len(saved["params"]))
+            for idx, p, projected in zip(saved["params"], group["params"], flags, strict=True):
+                st = state_dict["state"].get(idx, {})
+                if projected:
+                    keep.append((p, {k: st[k] for k in _FP32_KEYS if k in st}))
+        super().load_state_dict(state_dict)
+        for p, tensors in keep:
+            for key, value in tensors.items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: Optional callable re-evaluating the model and returning the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            names = self._group_names(group, gi)
+            for name, p, projected in zip(names, group["params"], group["projected"],
+                                          strict=True):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if projected:
+                    self._projected_step(name, p, group)
+                else:
+                    self._adamw_step(p, group)
+        return loss
+
+    def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        """``torch.optim.AdamW``'s single-tensor update, operation for operation."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        lr, (beta1, beta2), eps, wd = _hyper(group)
+        grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = state["step"].item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+    def _projector(self, name: str, p: Tensor, grad: Tensor, step: int,
+                   group: dict[str, Any]) -> Tensor:
+        gap, rank = group["update_proj_gap"], group["rank"]
+        if self.projection == "random":
+            return random_projection(name, group["seed"], step // gap, tuple(p.shape), rank,
+                                     p.device)
+        state = self.state[p]
+        if step % gap == 0 or "projector" not in state:
+            state["projector"] = _svd_projection(grad, rank)
+        return state["projector"]
+
+    def _projected_step(self, name: str, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        grad = p.grad.to(torch.float32)
+        tall = p.shape[0] >= p.shape[1]
+        state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+        proj = self._projector(name, p, grad, int(state["step"].item()), group)
+        low = grad @ proj.T if tall else proj.T @ grad
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        lr, (beta1, beta2), eps, wd = _hyper(group)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = state["step"].item()
+        exp_avg.lerp_(low, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        direction = (exp_avg / (1 - beta1**step)) / denom
+        update = direction @ proj if tall else proj @ direction
+        p.add_(update.to(p.dtype), alpha=-lr * group["scale"])
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+
+
+class GaLoreAdamW(_ProjectedAdamW):
+    r"""GaLore: AdamW whose moments live in a periodically refreshed SVD gradient subspace.
+
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+    ICML 2024. For a targeted ``p x q`` weight, ``R = G P^T`` (``p >= q``, ``P`` = top-``r``
+    right singular vectors, ``r x q``) or ``R = P^T G`` (``p < q``, left vectors, ``p x r``);
+    ``W -= lr * scale * back(adam(R))`` then ``W -= lr * weight_decay * W``. ``P`` is
+    recomputed from the current gradient every ``update_proj_gap`` steps (steps 0, T, 2T, ...)
+    and stored in the state under ``"projector"``; moments are not rotated when it changes.
+
+    Args:
+        params: Named parameters (``model.named_parameters()``) or param groups whose
+            ``"params"`` are ``(name, tensor)`` pairs; plain tensors only with
+            ``target_modules=None``. Groups may override every option below except
+            ``target_modules``.
+        lr: Learning rate.
+        betas: Adam coefficients ``(beta1, beta2)``.
+        eps: Adam denominator epsilon (added after bias correction, as in torch AdamW).
+        weight_decay: Decoupled weight decay coefficient.
+        target_modules: Module-name components (dotted sequences allowed, e.g. ``"query"`` or
+            ``"attention.output.dense"``) selecting the 2-D weights to project; ``None``
+            projects every 2-D parameter except embeddings (names with a component containing
+            ``"embed"``, or ``wte`` / ``wpe``). Others get plain AdamW.
+        rank: Projection rank ``r`` (1 <= r <= min(p, q) of every targeted weight).
+        update_proj_gap: ``T``, steps between SVD refreshes.
+        scale: ``s``, multiplier of the back-projected update (paper: 0.25 pre-training,
+            4 on GLUE).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        target_modules: list[str] | None = None,
+        rank: int = 8,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, target_modules, rank,
+                         update_proj_gap, scale, projection="svd", seed=0)
+
+
+class GaRareAdamW(_ProjectedAdamW):
+    r"""GaRare: GaLore with a random projection regenerated every step instead of the SVD.
+
+    Liu et al., "On the Optimization Landscape of Low Rank Adaptation Methods for LLMs",
+    ICLR 2025. Same update as :class:`GaLoreAdamW`, but ``P`` is a QR-orthonormalised Gaussian
+    drawn from a ``torch.Generator`` seeded by
+    :func:`projection_seed` ``(seed, name, step // update_proj_gap)`` (see
+    :func:`random_projection`); it is never stored, so the state is ``2 r max(p, q)`` floats
+    per targeted ``p x q`` weight plus a step counter, and every rank / resumed run rebuilds
+    the same ``P``. See the module docstring for the normalisation choice.
+
+    Args:
+        params: As in :class:`GaLoreAdamW`; names enter the seed (unnamed parameters are
+            called ``"param_groups.<group>.<index>"``).
+        lr: Learning rate.
+        betas: Adam coefficients ``(beta1, beta2)``.
+        eps: Adam denominator epsilon.
+        weight_decay: Decoupled weight decay coefficient.
+        target_modules: As in :class:`GaLoreAdamW`.
+        rank: Projection rank ``r``.
+        update_proj_gap: ``T``, steps during which the same ``P`` is used.
+        scale: Multiplier of the back-projected update.
+        seed: Run seed of the projections (saved in the param groups: a resumed run keeps it).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        target_modules: list[str] | None = None,
+        rank: int = 8,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, target_modules, rank,
+                         update_proj_gap, scale, projection="random", seed=seed)

@@ -1,0 +1,59 @@
+"""Shared fixtures: offline settings, tiny models built from config, a deterministic tokenizer,
+small GLUE files, and a helper that runs the real CLI entry point."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import build_tiny_checkpoint, write_glue_task  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["APP_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_ckpt(arch)`` -> folder of a tiny pretrained ``arch`` model plus tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    made: dict[str, Path] = {}
+
+    def get(arch: str = "bert") -> Path:
+        if arch not in made:
+            made[arch] = build_tiny_checkpoint(arch, root / arch)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GLUE root with small files in the official layouts of all nine tasks."""
+    root = tmp_path_factory.mktemp("glue")
+    for task in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"):
+        write_glue_task(root, task)
+    return root
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared benchmark data not found at {SHARED_DATA}")
+    return SHARED_DATA
