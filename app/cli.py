@@ -51,6 +51,19 @@ class AppCLI(LightningCLI):
         parser.add_lightning_class_args(SaveAdapter, "save_adapter")
 
 
+def build_cli(args: list[str] | None = None, run: bool = True) -> AppCLI:
+    """Parse ``args`` (default: ``sys.argv``), build everything and run the subcommand."""
+    return AppCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-cli`` console script.
 
@@ -59,17 +72,24 @@ def main(args: list[str] | None = None) -> None:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        AppCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        build_cli(args)
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind ``err``; jsonargparse wraps errors raised while instantiating."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ def write_yaml(path: Path, config: dict) -> Path:
     """Dump a config dict as YAML (what a user would write)."""
     import yaml
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

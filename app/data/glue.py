@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from app.data.glue_formats import get_task, local_split_files, read_glue_tsv
+from app.data.resumable import private_generator, run_seed, training_loader
 from app.errors import ConfigError
 from app.hub import resolve_checkpoint
 
@@ -214,14 +215,13 @@ class GLUEDataModule(L.LightningDataModule):
         data = self.datasets[split].with_format(
             columns=[c for c in self.datasets[split].column_names if c != "idx"]
         )
-        return DataLoader(
-            data,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            collate_fn=DataCollatorWithPadding(self.tokenizer),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = {"collate_fn": DataCollatorWithPadding(self.tokenizer),
+                  "num_workers": self.num_workers,
+                  "persistent_workers": self.num_workers > 0}
+        if train:
+            return training_loader(data, self.batch_size, run_seed(), self.trainer, **kwargs)
+        return DataLoader(data, batch_size=self.eval_batch_size,
+                          generator=private_generator(run_seed()), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -31,6 +31,7 @@ from app.adapters import (
 )
 from app.errors import ConfigError
 from app.hub import load_pretrained, resolve_checkpoint
+from app.optim.compat import check_optimizer_adapter
 from app.optim.schedules import WarmupDecay
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ class AdaptedModule(L.LightningModule):
         self._initial_adapter_dir: tempfile.TemporaryDirectory | None = None
         self.hf_config = load_pretrained(self.config_class(), checkpoint, **self.config_kwargs())
         with torch.device("meta"):
-            check_adapter(self.model_class().from_config(self.hf_config), adapter)
+            meta_model = self.model_class().from_config(self.hf_config)
+            check_adapter(meta_model, adapter)
+            check_optimizer_adapter(optimizer, adapter, meta_model)
 
     # -- subclass interface ---------------------------------------------------------------
     def model_class(self) -> Any:
@@ -157,9 +160,16 @@ class AdaptedModule(L.LightningModule):
         if self.loraplus_lr_ratio is not None:
             from peft.optimizers import create_loraplus_optimizer
 
-            probe = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).defaults
+            factory = self.optimizer_factory
+            probe_optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+            probe = probe_optimizer.defaults
+
+            def build(groups: Any, **kwargs: Any) -> torch.optim.Optimizer:
+                return factory(groups, **kwargs)
+
+            build.__name__ = type(probe_optimizer).__name__  # PEFT reads the class name
             optimizer = create_loraplus_optimizer(
-                self.model, self.optimizer_factory, lr=probe["lr"],
+                self.model, build, lr=probe["lr"],
                 loraplus_lr_ratio=self.loraplus_lr_ratio,
                 loraplus_weight_decay=probe.get("weight_decay", 0.0),
             )
@@ -187,6 +197,11 @@ class AdaptedModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Dropout draws from the global generators: restoring them makes a resumed run
+        # continue exactly as an uninterrupted one (the data order is seeded separately).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:
@@ -200,6 +215,11 @@ class AdaptedModule(L.LightningModule):
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:3]}); resume with the same method and model config"
             )
+        if "rng_states" in checkpoint and self.trainer.state.fn == "fit":
+            states = checkpoint["rng_states"]
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     # -- export ---------------------------------------------------------------------------
     def save_adapter(self, directory: str | os.PathLike, tokenizer_source: str | None = None
@@ -238,7 +258,12 @@ class AdaptedModule(L.LightningModule):
             if self._initial_adapter_dir is not None:
                 kwargs["path_initial_model_for_weight_conversion"] = self._initial_adapter_dir.name
             model.save_pretrained(str(folder), **kwargs)
-            model.base_model.model.config.save_pretrained(str(folder))
+            if kwargs:
+                _restore_modules_to_save(model, folder)
+            task_model = model.base_model.model
+            # The base checkpoint's config names its own class (often the bare encoder).
+            task_model.config.architectures = [type(task_model).__name__]
+            task_model.config.save_pretrained(str(folder))
         elif callable(exporter):
             exporter(model, folder, resolve_checkpoint(self.checkpoint))
         else:
@@ -253,3 +278,17 @@ class AdaptedModule(L.LightningModule):
             log.info("no tokenizer saved with the adapter: %s", err)
             return
         tokenizer.save_pretrained(str(folder))
+
+
+def _restore_modules_to_save(model: PeftModel, folder: Path) -> None:
+    """PEFT 0.21's PiSSA / OLoRA conversion drops the ``modules_to_save`` weights (the task
+    head) from the saved file; put them back so the adapter loads and gives the same outputs."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    full = get_peft_model_state_dict(model)
+    missing = {k: v.contiguous() for k, v in full.items() if k not in saved and "lora_" not in k}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})

@@ -1,0 +1,90 @@
+"""Stopping at step k and resuming with ``--ckpt_path`` ends exactly like never stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tiny import glue_run_config, write_yaml
+
+from app.cli import build_cli
+from app.data.resumable import EpochShuffleSampler
+
+
+class Crash(RuntimeError):
+    """The simulated failure."""
+
+
+class StopAtStep(L.Callback):
+    """Simulates a crash right after step ``step`` was checkpointed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise Crash(f"simulated crash at step {trainer.global_step}")
+
+
+def trainable(cli) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in cli.model.model.named_parameters()
+            if p.requires_grad}
+
+
+def run(tmp: Path, ckpt: Path, glue_dir: Path, adapter: dict | None, *extra: str):
+    # 48 rows / batch 8 = 6 batches per epoch; 15 steps cross two epoch ends.
+    cfg = glue_run_config(ckpt, glue_dir, tmp / "runs", adapter=adapter, max_steps=15,
+                          val_check_interval=None, check_val_every_n_epoch=1)
+    cfg["trainer"].pop("val_check_interval")
+    path = write_yaml(tmp / "run.yaml", cfg)
+    return build_cli(["fit", "--config", str(path), "--checkpoint.every_n_train_steps", "1",
+                      "--checkpoint.monitor", "null", "--checkpoint.filename", "step{step}",
+                      *extra])
+
+
+LORA_DROPOUT = {"class_path": "peft.LoraConfig",
+                "init_args": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1}}
+
+
+@pytest.mark.parametrize("adapter", [LORA_DROPOUT, None], ids=["lora", "full"])
+@pytest.mark.parametrize("stop", [4, 6, 9], ids=["mid-epoch", "epoch-end", "second-epoch"])
+def test_resume_equals_uninterrupted(adapter, stop: int, tiny_ckpt, glue_dir: Path,
+                                     tmp_path: Path) -> None:
+    ckpt = tiny_ckpt("bert")
+    whole = trainable(run(tmp_path / "a", ckpt, glue_dir, adapter))
+
+    stopped = tmp_path / "b"
+    with pytest.raises(Crash):
+        run(stopped, ckpt, glue_dir, adapter, "--trainer.callbacks+=test_resume.StopAtStep",
+            f"--trainer.callbacks.step={stop}")
+    last = next((stopped / "runs/lightning_logs").iterdir()) / "checkpoints/last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == stop
+    loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["batches"] == (stop - 1) % 6 + 1
+    resumed = run(stopped, ckpt, glue_dir, adapter, "--ckpt_path", str(last))
+    assert resumed.trainer.global_step == 15
+    got = trainable(resumed)
+    assert got.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch() -> None:
+    a, b = EpochShuffleSampler(20, seed=3), EpochShuffleSampler(20, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(1)
+    list(b)
+    b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(20))
+    b.skip_next(5)
+    assert list(b) == list(a)[5:]
+    assert list(b) == list(a)  # skipping applies once
+    b.skip_next(5)
+    b.set_epoch(3)  # the saved position belonged to epoch 2: epoch 3 starts at 0
+    assert len(list(b)) == 20
+    c = EpochShuffleSampler(20, seed=4)
+    c.set_epoch(2)
+    assert list(c) != list(a)
