@@ -20,8 +20,9 @@ class OptimizerStepHooks:
     """Attach a ``pre`` and a ``post`` function to the steps of some optimizers.
 
     Args:
-        pre: Called with no arguments before each ``optimizer.step()`` (gradients are final:
-            accumulated, unscaled and clipped).
+        pre: Called with no arguments once per ``optimizer.step()`` when gradients are final
+            (accumulated, unscaled and clipped) and before the parameters change: right after
+            Lightning's closure (forward, backward, clipping) when the step gets one.
         post: Called with no arguments after each ``optimizer.step()``.
     """
 
@@ -40,9 +41,27 @@ class OptimizerStepHooks:
             if self.post is not None:
                 self._handles.append(optimizer.register_step_post_hook(self._run_post))
 
-    def _run_pre(self, *_: object) -> None:
+    def _run_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+                 ) -> tuple[tuple, dict] | None:
+        """Torch calls this before ``step(closure)`` runs the closure; Lightning's closure
+        does the forward, backward, ``on_before_optimizer_step`` and gradient clipping. So
+        with a closure, ``pre`` runs right after it, where gradients are final."""
         assert self.pre is not None
-        self.pre()
+        pre = self.pre
+        # torch passes the bound call's positional arguments: (optimizer, [closure])
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:  # manual / fp16-scaler path: gradients are already final
+            pre()
+            return None
+
+        def closure_then_pre() -> object:
+            loss = closure()
+            pre()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_pre}
+        return (args[0], closure_then_pre, *args[2:]), kwargs
 
     def _run_post(self, *_: object) -> None:
         assert self.post is not None

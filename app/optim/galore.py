@@ -247,7 +247,8 @@ class _ProjectedAdamW(Optimizer):
             if flags[-1] and _is_dtensor(p):
                 raise ValueError(
                     f"'{name}' is a sharded DTensor: GaLore/GaRare need the full gradient "
-                    "matrix and do not support FSDP-sharded parameters"
+                    "matrix and do not support FSDP-sharded parameters; use strategy: ddp "
+                    "(every rank keeps full weights), or torch.optim.AdamW under FSDP"
                 )
         group["projected"] = flags
 

@@ -100,17 +100,25 @@ def trainable_parameter_bytes(module: nn.Module) -> int:
     return sum(tensor_bytes(p) for p in module.parameters() if p.requires_grad)
 
 
-def process_peak_memory_bytes() -> int:
+def process_peak_memory_bytes(device: torch.device | str | None = None) -> int:
     """Peak memory of this process so far.
 
+    Args:
+        device: ``None`` (default): CUDA if it is available and initialised, else host RSS.
+            A CUDA device: ``torch.cuda.max_memory_allocated(device)``. ``"cpu"``: host RSS even
+            on a machine with CUDA (a CPU run on a GPU machine must not report the GPU peak).
+
     Returns:
-        ``torch.cuda.max_memory_allocated()`` when CUDA is available and initialised (reset it
-        with ``torch.cuda.reset_peak_memory_stats``); otherwise the peak resident set size from
-        ``resource.getrusage`` (``ru_maxrss`` is KiB on Linux, bytes on macOS), which cannot be
-        reset within a process. Returns 0 where neither is available.
+        ``torch.cuda.max_memory_allocated`` (reset it with ``torch.cuda.reset_peak_memory_stats``)
+        or the peak resident set size from ``resource.getrusage`` (``ru_maxrss`` is KiB on
+        Linux, bytes on macOS), which cannot be reset within a process. Returns 0 where neither
+        is available.
     """
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
+    kind = None if device is None else torch.device(device).type
+    if kind == "cuda" or (
+        kind is None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    ):
+        return int(torch.cuda.max_memory_allocated(device if kind == "cuda" else None))
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows

@@ -1,0 +1,137 @@
+"""What the geometry callbacks (StelLA, landing, drift monitor) share: selecting the
+constrained factors by name, their tall form, and the start-up checks (strategy, precision,
+factor dtype, weight decay) that refuse a combination before anything is trained."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from app.errors import ConfigError
+
+#: Precisions whose parameters (the master weights) are fp32 or fp64.
+SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed")
+
+
+def tall(t: Tensor) -> Tensor:
+    """The tall (``rows >= cols``) view of a 2-D tensor: itself or its transpose."""
+    return t if t.shape[0] >= t.shape[1] else t.transpose(0, 1)
+
+
+def select_factors(pl_module: L.LightningModule, patterns: Sequence[str], owner: str,
+                   option: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable 2-D parameters whose name contains one of ``patterns``.
+
+    Raises:
+        ConfigError: If none matches (the adapter does not have these factors).
+    """
+    found = [(n, p) for n, p in pl_module.named_parameters()
+             if p.requires_grad and p.ndim == 2 and any(pat in n for pat in patterns)]
+    if not found:
+        adapter = getattr(pl_module, "adapter", None)
+        raise ConfigError(
+            f"{owner}: no trainable parameter matches {option}={list(patterns)} "
+            f"(adapter: {type(adapter).__name__ if adapter is not None else 'none'}); "
+            "use the method's adapter or change the patterns")
+    return found
+
+
+def check_strategy(trainer: L.Trainer, owner: str) -> None:
+    """Refuse strategies that shard parameters: the step needs whole factors on each rank.
+
+    Single-device and DDP (every rank holds whole, identical factors and all-reduced
+    gradients, so every rank computes the identical update) are supported. FSDP / FSDP2
+    (``ModelParallelStrategy``) and DeepSpeed shard the factors; gathering them for a
+    retraction per step is not implemented, so they are refused before anything trains.
+    """
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
+
+    strategy = trainer.strategy
+    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
+    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ConfigError(
+            f"{owner} does not support trainer.strategy={type(strategy).__name__}: it updates "
+            "whole factors on every rank and sharded parameters are not gathered; use "
+            "trainer.strategy=ddp (or a single device)")
+
+
+def check_precision(trainer: L.Trainer, owner: str) -> None:
+    """Require fp32 (or fp64) master weights: ``32-true``, ``64-true`` or ``bf16-mixed``.
+
+    ``bf16-true`` / ``16-true`` store the factors themselves in 16 bits, where a retraction's
+    orthonormality (~1e-7 in fp32) is lost to rounding (~1e-3). ``16-mixed`` (fp16 AMP with a
+    loss scaler) is not supported by these callbacks either; ``bf16-mixed`` keeps fp32
+    parameters and is the mixed-precision choice.
+    """
+    precision = str(trainer.precision)
+    if precision not in SUPPORTED_PRECISION:
+        raise ConfigError(
+            f"{owner} needs fp32 master weights for the manifold factors but "
+            f"trainer.precision={precision!r}; use trainer.precision=bf16-mixed (fp32 "
+            "parameters, bf16 compute) or 32-true")
+
+
+def check_factor_dtypes(factors: Sequence[tuple[str, Tensor]], owner: str) -> None:
+    """Every factor must be a float32 / float64 parameter (the optimizer's master weight)."""
+    bad = [(n, p.dtype) for n, p in factors if p.dtype not in (torch.float32, torch.float64)]
+    if bad:
+        raise ConfigError(
+            f"{owner}: factor {bad[0][0]} is {bad[0][1]}; the manifold factors must be fp32 "
+            "parameters (trainer.precision=bf16-mixed or 32-true)")
+
+
+def optimizers_holding(trainer: L.Trainer, params: Sequence[Tensor], owner: str
+                       ) -> list[torch.optim.Optimizer]:
+    """The optimizers that hold at least one of ``params``; every param must be held."""
+    wanted = {id(p) for p in params}
+    holding, seen = [], set()
+    for optimizer in trainer.optimizers:
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if ids & wanted:
+            holding.append(optimizer)
+            seen |= ids & wanted
+    if seen != wanted:
+        raise ConfigError(f"{owner}: {len(wanted - seen)} factor(s) are in no optimizer; "
+                          "configure_optimizers must include every trainable factor")
+    return holding
+
+
+def check_no_weight_decay(trainer: L.Trainer, factors: Sequence[tuple[str, Tensor]],
+                          owner: str) -> None:
+    """Refuse an optimizer group that applies weight decay to a constrained factor.
+
+    Decay shrinks ``X`` off the manifold (and, for Adam's L2 form, pollutes the moments);
+    StelLA and Manifold-LoRA keep their constrained factors out of decay.
+    """
+    names = {id(p): n for n, p in factors}
+    for optimizer in trainer.optimizers:
+        for index, group in enumerate(optimizer.param_groups):
+            if float(group.get("weight_decay", 0.0) or 0.0) <= 0.0:
+                continue
+            hit = [names[id(p)] for p in group["params"] if id(p) in names]
+            if hit:
+                raise ConfigError(
+                    f"{owner}: optimizer group {index} applies weight_decay="
+                    f"{group['weight_decay']} to constrained factor {hit[0]} (and {len(hit) - 1}"
+                    " more); keep the factors out of decay (the adapter's no_decay_patterns) "
+                    "or set model.init_args.optimizer weight_decay: 0")
+
+
+def hidden_size_of(pl_module: L.LightningModule) -> int | None:
+    """``hidden_size`` of the module's Hugging Face config (``pl_module.model.config``)."""
+    config = getattr(getattr(pl_module, "model", None), "config", None)
+    if config is None:
+        config = getattr(pl_module, "hf_config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "hidden_size", None)
+    return int(size) if isinstance(size, int) else None

@@ -1,0 +1,177 @@
+r"""StelLA's Riemannian step around any torch optimizer (Li et al., NeurIPS 2025, Alg. 1).
+
+Once per real optimizer step (after gradient accumulation, after Lightning's gradient
+clipping), for every Stiefel factor ``X`` in tall ``n x r`` form (``U`` as stored, ``V`` as
+``stella_V.weight^T``):
+
+1. before ``optimizer.step()``: replace the Euclidean gradient ``G`` by the Riemannian
+   gradient of the canonical metric, :math:`G - X G^T X`, and remember :math:`X_{old}`;
+2. the optimizer steps (AdamW in the paper; ``S`` keeps its Euclidean gradient);
+3. after the step: :math:`D = X_{new} - X_{old}`; with gradient scaling
+   :math:`D \leftarrow D / \sqrt{n / c}` when ``n`` differs from the hidden size ``c``
+   (the public code's ``stella_grad_scaling``); :math:`\xi = P_{X_{old}}(D)`;
+   :math:`X \leftarrow R_{X_{old}}(\xi)` (polar or exponential map).
+
+Hook points: torch optimizer step hooks (the closure-aware
+:class:`app.callbacks.step_hooks.OptimizerStepHooks`), not ``on_before_optimizer_step``,
+because Lightning clips gradients after that hook. Lightning's automatic optimization calls
+``optimizer.step(closure=...)`` and the closure (forward, backward, ``on_before_optimizer_step``,
+clipping) runs *inside* ``step``, after torch's step pre-hooks; a plain pre-hook would see the
+previous step's gradients (``None`` on the first step). So the pre-hook wraps the closure and the
+pre-step work runs right after it returns: once per real step, on the final clipped gradient.
+All math is fp32 under ``no_grad``, one batched call per group of same-shaped
+factors (:func:`app.manifolds.batching.apply_grouped`), written back in the parameter dtype.
+
+The start-up checks shared with the other geometry callbacks live in
+:mod:`app.callbacks.factors`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from app.callbacks.factors import (
+    check_factor_dtypes,
+    check_no_weight_decay,
+    check_precision,
+    check_strategy,
+    hidden_size_of,
+    optimizers_holding,
+    select_factors,
+    tall,
+)
+from app.callbacks.step_hooks import OptimizerStepHooks
+from app.errors import ConfigError
+from app.manifolds import stiefel
+from app.manifolds.batching import apply_grouped
+
+
+class StellaCallback(L.Callback):
+    r"""Keeps StelLA's ``U`` and ``V`` on the Stiefel manifold around any optimizer step.
+
+    Args:
+        patterns: Substrings selecting the Stiefel factors by parameter name (2-D, trainable);
+            the defaults match :class:`app.adapters.stella.StellaConfig`.
+        retraction: ``"polar"`` (:math:`Y (Y^T Y)^{-1/2}` via an ``r x r`` eigendecomposition,
+            the paper's choice) or ``"exp"`` (exponential map of the embedded metric).
+        gradient_scaling: Divide the step ``D`` of a factor with ``n != c`` rows by
+            :math:`\sqrt{n / c}`, ``c`` the hidden size (StelLA's public code).
+        hidden_size: ``c``; ``None`` reads ``hidden_size`` from the model's config.
+    """
+
+    def __init__(
+        self,
+        patterns: Sequence[str] = ("stella_U", "stella_V"),
+        retraction: Literal["polar", "exp"] = "polar",
+        gradient_scaling: bool = True,
+        hidden_size: int | None = None,
+    ) -> None:
+        if isinstance(patterns, str) or not patterns:
+            raise ConfigError("StellaCallback patterns must be a non-empty list of substrings")
+        if retraction not in ("polar", "exp"):
+            raise ConfigError(f"StellaCallback retraction must be 'polar' or 'exp', "
+                              f"got {retraction!r}")
+        if hidden_size is not None and hidden_size < 1:
+            raise ConfigError(f"StellaCallback hidden_size must be positive, got {hidden_size}")
+        self.patterns = tuple(patterns)
+        self.retraction = retraction
+        self.gradient_scaling = gradient_scaling
+        self.hidden_size = hidden_size
+        #: Completed Riemannian steps (checkpointed).
+        self.num_steps = 0
+        self._factors: list[tuple[str, torch.nn.Parameter]] = []
+        self._c: int | None = None
+        self._active: list[torch.nn.Parameter] = []
+        self._snapshot: list[Tensor] | None = None
+        self._hooks = OptimizerStepHooks(self._pre_step, self._post_step)
+
+    # -- start-up checks ------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, "StellaCallback")
+        check_precision(trainer, "StellaCallback")
+        if hasattr(pl_module, "adapter"):
+            from app.adapters.stella import StellaConfig
+
+            adapter = pl_module.adapter
+            if not isinstance(adapter, StellaConfig):
+                raise ConfigError(
+                    "StellaCallback needs model.init_args.adapter class_path "
+                    "app.adapters.stella.StellaConfig, got "
+                    f"{type(adapter).__name__ if adapter is not None else 'none (full FT)'}")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._factors = select_factors(pl_module, self.patterns, "StellaCallback",
+                                       "StellaCallback patterns")
+        check_factor_dtypes(self._factors, "StellaCallback")
+        check_no_weight_decay(trainer, self._factors, "StellaCallback")
+        self._c = None
+        if self.gradient_scaling:
+            self._c = self.hidden_size or hidden_size_of(pl_module)
+            if self._c is None:
+                raise ConfigError("StellaCallback gradient_scaling needs the hidden size: the "
+                                  "model config has no hidden_size; set hidden_size or "
+                                  "gradient_scaling: false")
+
+    # -- hooks ----------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = [p for _, p in self._factors]
+        self._hooks.attach(optimizers_holding(trainer, params, "StellaCallback"))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hooks.detach()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._hooks.detach()
+        self._snapshot = None
+
+    def constrained_factors(self, pl_module: L.LightningModule) -> list[tuple[str, Tensor, str]]:
+        """``(name, tall view n x r, "stiefel")`` for every factor (drift-monitor protocol)."""
+        factors = self._factors or select_factors(pl_module, self.patterns, "StellaCallback",
+                                                  "StellaCallback patterns")
+        return [(n, tall(p.detach()), "stiefel") for n, p in factors]
+
+    @torch.no_grad()
+    def _pre_step(self) -> None:
+        self._active = [p for _, p in self._factors if p.grad is not None]
+        xs = [tall(p.detach()) for p in self._active]
+        grads = apply_grouped(stiefel.riemannian_grad, xs, [tall(p.grad) for p in self._active])
+        for p, g in zip(self._active, grads):
+            tall(p.grad).copy_(g)
+        self._snapshot = [x.to(stiefel.compute_dtype(x)).clone() for x in xs]
+
+    @torch.no_grad()
+    def _post_step(self) -> None:
+        if self._snapshot is None:
+            return
+        news = [tall(p.detach()).to(x.dtype) for p, x in zip(self._active, self._snapshot)]
+        outs = apply_grouped(self._retract, self._snapshot, news)
+        for p, x in zip(self._active, outs):
+            tall(p.data).copy_(x)
+        self._snapshot, self._active = None, []
+        self.num_steps += 1
+
+    def _retract(self, x_old: Tensor, x_new: Tensor) -> Tensor:
+        """Batched update of one shape group: scale ``D``, project, retract."""
+        d = x_new - x_old
+        n = x_old.shape[-2]
+        if self._c is not None and n != self._c:
+            d = d / math.sqrt(n / self._c)
+        xi = stiefel.project_tangent(x_old, d)
+        if self.retraction == "exp":
+            return stiefel.retract_exp(x_old, xi)
+        return stiefel.retract_polar(x_old, xi)
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_steps = int(state_dict.get("num_steps", 0))
