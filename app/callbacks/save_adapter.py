@@ -27,7 +27,7 @@ class SaveAdapter(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
-        if trainer.interrupted if hasattr(trainer, "interrupted") else False:
+        if trainer.interrupted or trainer.received_sigterm:  # stopped early: not a result
             return
         root = Path(trainer.log_dir or trainer.default_root_dir)
         target = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname

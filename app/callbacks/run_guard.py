@@ -1,0 +1,119 @@
+"""Stop bad runs cleanly: a non-finite loss, Ctrl-C and SIGTERM.
+
+- A non-finite training loss stops the run before its backward pass (so the weights of the
+  last completed step are intact) with a message naming the step and the last good
+  checkpoint. All data-parallel ranks agree on the decision, so none is left waiting.
+- The first Ctrl-C (SIGINT) is turned into Lightning's SIGTERM flag, so both signals stop the
+  run at the next batch boundary, never in the middle of an optimizer step; a second Ctrl-C
+  interrupts at once. At that boundary a resumable ``last.ckpt`` is written (under a
+  temporary name, then renamed) and the end-of-fit adapter export is skipped, so nothing
+  half-written looks like a result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from app.errors import RunError
+
+
+class RunGuard(L.Callback):
+    """Non-finite loss check and graceful interruption.
+
+    Args:
+        check_finite_loss: Stop at the first non-finite training loss.
+        save_on_interrupt: Write ``last.ckpt`` when stopped by Ctrl-C or SIGTERM.
+    """
+
+    def __init__(self, check_finite_loss: bool = True, save_on_interrupt: bool = True) -> None:
+        self.check_finite_loss = check_finite_loss
+        self.save_on_interrupt = save_on_interrupt
+        self._previous_sigint: Any = None
+        self.interrupt_checkpoint: Path | None = None
+
+    # -- non-finite loss ------------------------------------------------------------------
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           loss: torch.Tensor) -> None:
+        if not self.check_finite_loss:
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise RunError(
+                f"non-finite training loss ({loss.detach().float().item()}) at step "
+                f"{trainer.global_step} (epoch {trainer.current_epoch}); this step was not "
+                f"applied. Last good checkpoint: {last_good_checkpoint(trainer) or 'none yet'}. "
+                "Resume from it with --ckpt_path and a lower learning rate "
+                "(model.init_args.optimizer.init_args.lr) or gradient clipping "
+                "(trainer.gradient_clip_val)"
+            )
+
+    # -- interruption ---------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_fit_start: Lightning saves (and at teardown restores) the signal handlers
+        # after on_fit_start, so ours must come later to be undone
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def first_ctrl_c(signum: int, frame: Any) -> None:
+            rank_zero_info("Ctrl-C: stopping at the end of this batch (press again to abort)")
+            trainer._signal_connector.received_sigterm = True
+            signal.signal(signal.SIGINT, previous)
+
+        self._previous_sigint = previous
+        signal.signal(signal.SIGINT, first_ctrl_c)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and (
+                threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore_sigint()
+        if not (self.save_on_interrupt and isinstance(exception, SIGTERMException)):
+            return
+        if trainer.state.fn != "fit":
+            return
+        target = interrupt_checkpoint_path(trainer)
+        tmp = target.with_name(f".{target.name}.tmp")
+        trainer.save_checkpoint(tmp)  # collective under DDP: every rank calls it
+        if trainer.is_global_zero:
+            os.replace(tmp, target)
+        self.interrupt_checkpoint = target
+        rank_zero_info(f"interrupted at step {trainer.global_step}: resumable checkpoint "
+                       f"{target} (resume with --ckpt_path {target})")
+
+
+def interrupt_checkpoint_path(trainer: L.Trainer) -> Path:
+    """``last.ckpt`` in the checkpoint folder (the run folder's ``checkpoints/``)."""
+    callback = trainer.checkpoint_callback
+    folder = getattr(callback, "dirpath", None) or Path(
+        trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / "last.ckpt"
+
+
+def last_good_checkpoint(trainer: L.Trainer) -> str | None:
+    """The most recent checkpoint written by the ModelCheckpoint callback, if any."""
+    callback = trainer.checkpoint_callback
+    for path in (getattr(callback, "last_model_path", ""),
+                 getattr(callback, "best_model_path", "")):
+        if path and Path(path).is_file():
+            return str(path)
+    return None

@@ -1,0 +1,84 @@
+"""A diverged loss, SIGTERM and Ctrl-C stop a run cleanly; the interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_resume import run, trainable
+
+from app.cli import main
+
+
+class PoisonAtStep(L.Callback):
+    """Makes the loss NaN from optimizer step ``step`` on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+class SignalAtStep(L.Callback):
+    """Sends a signal to this process right after step ``step``."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step = step
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_ckpt, glue_dir: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    from tiny import glue_run_config, write_yaml
+
+    cfg = glue_run_config(tiny_ckpt("bert"), glue_dir, tmp_path / "runs", max_steps=6)
+    path = write_yaml(tmp_path / "run.yaml", cfg)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(path), "--checkpoint.every_n_train_steps", "2",
+              "--checkpoint.monitor", "null", "--checkpoint.filename", "step{step}",
+              "--trainer.callbacks+=test_run_guard.PoisonAtStep",
+              "--trainer.callbacks.step=5"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite training loss (nan) at step 5" in err
+    assert "last.ckpt" in err and "--ckpt_path" in err
+    (run_dir,) = (tmp_path / "runs/lightning_logs").iterdir()
+    assert not (run_dir / "adapter").exists()  # no result is written for a diverged run
+    state = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_interrupt_leaves_resumable_checkpoint(signum, tiny_ckpt, glue_dir: Path,
+                                               tmp_path: Path) -> None:
+    ckpt = tiny_ckpt("bert")
+    whole = trainable(run(tmp_path / "a", ckpt, glue_dir, None))
+    stopped = tmp_path / "b"
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(BaseException) as exc:  # Lightning re-raises SIGTERMException
+        run(stopped, ckpt, glue_dir, None, "--checkpoint.every_n_train_steps", "100",
+            "--trainer.callbacks+=test_run_guard.SignalAtStep", "--trainer.callbacks.step=4",
+            f"--trainer.callbacks.signum={int(signum)}")
+    assert "SIGTERM" in type(exc.value).__name__
+    assert signal.getsignal(signal.SIGINT) == previous  # handler restored
+    (run_dir,) = (stopped / "runs/lightning_logs").iterdir()
+    assert not (run_dir / "adapter").exists()
+    assert not list(run_dir.rglob(".*.tmp"))
+    last = run_dir / "checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    resumed = run(stopped, ckpt, glue_dir, None, "--ckpt_path", str(last))
+    got = trainable(resumed)
+    for name in whole:
+        torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
