@@ -1,0 +1,8 @@
+"""Comparison runs: methods x ranks x seeds on one base config, resumable, with tables and plots.
+
+``python -m app.compare`` (:mod:`app.compare.cli`). The pieces: :mod:`~app.compare.plan` (the
+grid and each run's arguments), :mod:`~app.compare.runner` (one subprocess per run, resume),
+:mod:`~app.compare.timing` (the ``StepTimer`` callback), :mod:`~app.compare.collect` (one run's
+``result.json``), :mod:`~app.compare.report` and :mod:`~app.compare.plots` (CSV, JSON,
+Markdown, PNG).
+"""

@@ -1,0 +1,162 @@
+"""``python -m app.compare``: run methods x ranks x seeds on one base config and report them.
+
+    python -m app.compare --base configs/data/glue_mrpc.yaml configs/model/minilm.yaml \\
+        --methods lora rslora stella --seeds 0 1 2 --ranks 8 --out runs/compare/mrpc \\
+        --extra --trainer.max_steps 300
+
+Rerunning the same command skips finished runs and resumes an interrupted one. ``--extra``
+must come last: everything after it goes to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from app.compare.plan import build_plan
+from app.compare.report import write_report
+from app.compare.runner import PlanMismatchError, finished_result, run_args, run_plan
+
+__all__ = ["main", "parser"]
+
+METHODS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m app.compare``."""
+    p = argparse.ArgumentParser(
+        prog="python -m app.compare",
+        description="Run every method x rank x seed with everything else identical, then write "
+                    "results.csv / results.json / summary.md and PNG plots into --out.")
+    p.add_argument("--base", nargs="+", required=True, metavar="CONFIG",
+                   help="data / model fragments shared by every run (repeated --config)")
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                   help="method fragments: paths, or names of files in configs/methods/")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED")
+    p.add_argument("--ranks", nargs="+", type=int, default=None, metavar="RANK",
+                   help="ranks to apply (adapter r, GaLore/GaRare rank); default: each "
+                        "fragment's own. Methods without a rank (full) run once per seed")
+    p.add_argument("--out", type=Path, required=True, help="comparison folder")
+    p.add_argument("--metric", default="val/score", help="validation metric compared")
+    p.add_argument("--mode", choices=("max", "min"), default="max",
+                   help="whether larger or smaller --metric is better")
+    p.add_argument("--baseline", default="lora",
+                   help="method the paired differences are taken against")
+    p.add_argument("--warmup-steps", type=int, default=5,
+                   help="optimizer steps of each run that are not timed")
+    p.add_argument("--accelerator", help="passed as --trainer.accelerator to every run")
+    p.add_argument("--devices", help="passed as --trainer.devices (each run uses them all)")
+    p.add_argument("--strategy", help="passed as --trainer.strategy (e.g. ddp, fsdp)")
+    p.add_argument("--note", default="", help="Markdown put above the table (budget, data)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; report the finished runs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run in this process (debugging and tests: a crash stops the "
+                        "comparison and peak memory includes earlier runs)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="must be last: every following argument goes to every run")
+    return p
+
+
+def _method_path(value: str) -> Path:
+    path = Path(value)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or "/" in value:
+        return path
+    return METHODS_DIR / f"{value}.yaml"
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads(),
+                            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or report) a comparison; returns the exit status (1 if a run failed)."""
+    p = parser()
+    args = p.parse_args(argv)
+    ours = {s for action in p._actions for s in action.option_strings} - {"--extra"}
+    misplaced = [a for a in args.extra if a.split("=", 1)[0] in ours]
+    if misplaced:
+        p.error(f"{misplaced} come after --extra and would go to every run: put --extra last")
+    passthrough = [arg for key in ("accelerator", "devices", "strategy")
+                   if getattr(args, key) is not None
+                   for arg in (f"--trainer.{key}", getattr(args, key))]
+    if args.in_process and (args.devices not in (None, "1") or args.strategy):
+        p.error("--in-process runs on one device: drop --devices / --strategy")
+    try:
+        plan = build_plan(args.base, [_method_path(m) for m in args.methods], args.seeds,
+                          args.ranks, [*passthrough, *args.extra], args.warmup_steps)
+    except ValueError as err:
+        p.error(str(err))
+    runs = args.out / "runs"
+    if args.dry_run:
+        for spec in plan:
+            cmd = [sys.executable, "-m", "app", *run_args(spec, runs / spec.name)]
+            print(f"{spec.name}: {shlex.join(cmd)}")
+        return 0
+    try:
+        if args.report_only:
+            found = {spec.name: finished_result(spec, runs / spec.name) for spec in plan}
+            results = [r for r in found.values() if r]
+            failed = [(name, "not finished") for name, r in found.items() if not r]
+        else:
+            outcome = run_plan(plan, args.out, metric=args.metric, mode=args.mode,
+                               in_process=args.in_process)
+            results, failed = outcome.results, outcome.failed
+    except PlanMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    command = shlex.join(["python", "-m", "app.compare", *(argv if argv is not None
+                                                           else sys.argv[1:])])
+    meta = {"command": command, "machine": _machine(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "plan": {"base": list(args.base), "methods": [s.method for s in plan],
+                     "seeds": args.seeds, "ranks": args.ranks,
+                     "extra": [*passthrough, *args.extra], "warmup_steps": args.warmup_steps}}
+    files = write_report(args.out, results, metric=args.metric, mode=args.mode,
+                         baseline=args.baseline, header=_header(meta, args.note), meta=meta,
+                         failed=failed, plots=not args.no_plots)
+    print(f"{len(results)}/{len(plan)} runs finished; report: "
+          + ", ".join(str(path) for path in files.values()))
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join(n for n, _ in failed),
+              file=sys.stderr)
+    return 1 if failed and not args.report_only else 0
+
+
+def _header(meta: dict[str, Any], note: str) -> str:
+    """Markdown above the table: what was compared, the note, command, machine, date."""
+    plan = meta["plan"]
+    ranks = " ".join(map(str, plan["ranks"])) if plan["ranks"] else "as in the fragments"
+    text = (f"# Comparison: {', '.join(dict.fromkeys(plan['methods']))}\n\n"
+            f"Base: {', '.join(f'`{b}`' for b in plan['base'])}; seeds "
+            f"{' '.join(map(str, plan['seeds']))}; ranks {ranks}; extra arguments: "
+            f"`{shlex.join(plan['extra'])}`; {plan['warmup_steps']} warm-up steps not timed")
+    if note.strip():
+        text += f"\n\n{note.strip()}"
+    return (text + f"\n\nCommand: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
+            f"Date: {meta['date']}\n")

@@ -1,0 +1,159 @@
+"""PNG plots of a comparison (matplotlib, Agg backend): the metric per method with error bars,
+the training-loss curves (mean over seeds), time per step and memory per method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["draw_all", "mean_curve"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] if row["rank"] == "-" else f"{row['method']} r{row['rank']}"
+
+
+def _bars(ax: Any, rows: Sequence[dict[str, Any]], series: Sequence[tuple[str, str]],
+          scale: float = 1.0) -> None:
+    """Grouped bars with sample-std error bars: one group per row, one bar per series."""
+    width = 0.8 / len(series)
+    for i, (field, name) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        means = [(r[field]["mean"] or 0.0) * scale for r in rows]
+        errs = [(r[field]["std"] or 0.0) * scale for r in rows]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=name)
+        for x, r in zip(xs, rows):
+            if r[field]["mean"] is None:
+                ax.annotate("n/a", (x, 0), ha="center", va="bottom")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([_label(r) for r in rows], rotation=30, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+
+
+def _points(ax: Any, rows: Sequence[dict[str, Any]], series: Sequence[tuple[str, str]]
+            ) -> None:
+    """Means with sample-std error bars (points, so the axis need not start at zero)."""
+    width = 0.5 / len(series)
+    for i, (field, name) in enumerate(series):
+        picked = [(j, r[field]) for j, r in enumerate(rows) if r[field]["mean"] is not None]
+        xs = [j + (i - (len(series) - 1) / 2) * width for j, _ in picked]
+        ax.errorbar(xs, [s["mean"] for _, s in picked], yerr=[s["std"] or 0.0 for _, s in picked],
+                    fmt="o", capsize=4, label=name)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([_label(r) for r in rows], rotation=30, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+
+
+def mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[list[int], list[float], list[float]]:
+    """Mean and sample std of the loss over seeds at the steps every run logged."""
+    curves = []
+    for r in runs:
+        curve = r.get("loss_curve") or {}
+        curves.append({s: v for s, v in zip(curve.get("step", []), curve.get("loss", []))
+                       if v is not None})
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    means, stds = [], []
+    for s in steps:
+        values = [c[s] for c in curves]
+        mean = sum(values) / len(values)
+        means.append(mean)
+        var = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+               if len(values) > 1 else 0.0)
+        stds.append(math.sqrt(var))
+    return steps, means, stds
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    if window <= 1:
+        return values
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
+             metric: str) -> dict[str, Path]:
+    """Write ``metric.png``, ``loss.png``, ``time.png`` and ``memory.png`` into ``out``.
+
+    Returns:
+        ``{"plot_metric": path, ...}`` of the files written.
+    """
+    plt = _pyplot()
+    files: dict[str, Path] = {}
+    width = max(6.0, 0.6 * len(summary) + 2)
+
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    _points(ax, summary, [("best", "best"), ("final", "final")])
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per method (mean ± std over seeds)")
+    files["plot_metric"] = _save(plt, fig, out / "metric.png")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    longest = 1
+    for row in summary:
+        runs = [r for r in results if r["method"] == row["method"]
+                and ("-" if r.get("rank") is None else str(r["rank"])) == row["rank"]]
+        steps, means, stds = mean_curve(runs)
+        if not steps:
+            continue
+        longest = max(longest, len(steps))
+        window = max(1, len(steps) // 50)
+        mean = _smooth(means, window)
+        std = _smooth(stds, window)
+        (line,) = ax.plot(steps, mean, label=_label(row))
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                        [m + s for m, s in zip(mean, std)], alpha=0.15,
+                        color=line.get_color())
+    window = max(1, longest // 50)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss" + (f" (moving average of {window})" if window > 1 else ""))
+    ax.set_title("training loss, mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    files["plot_loss"] = _save(plt, fig, out / "loss.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 4.5))
+    _bars(axes[0], summary, [("time_per_step_s", "time/step")], scale=1e3)
+    axes[0].set_ylabel("ms per optimizer step")
+    axes[0].set_title("time per step (after warm-up)")
+    _bars(axes[1], summary, [("samples_per_s", "samples/s")])
+    axes[1].set_ylabel("samples / s")
+    axes[1].set_title("throughput")
+    files["plot_time"] = _save(plt, fig, out / "time.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 4.5))
+    _bars(axes[0], summary, [("peak_memory_bytes", "peak")], scale=2**-20)
+    axes[0].set_ylabel("MiB")
+    axes[0].set_title("peak memory")
+    _bars(axes[1], summary, [("optimizer_state_bytes", "optimizer state")], scale=2**-20)
+    axes[1].set_ylabel("MiB")
+    axes[1].set_title("optimizer state")
+    files["plot_memory"] = _save(plt, fig, out / "memory.png")
+    return files
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,251 @@
+"""Tables of a comparison: CSV and JSON of every run, Markdown mean ± std per method and rank
+with the paired difference to a baseline method, and the plots (:mod:`app.compare.plots`).
+
+Statistics: mean and sample standard deviation (``ddof=1``; none for a single run) over seeds.
+The paired difference of a method to the baseline is taken seed by seed over the seeds both
+finished, ``d_s = method_s - baseline_s``, and reported as the mean ± sample std of the
+``d_s``; it compares with the baseline at the same rank, else the baseline's only rank; a
+method without a rank (full fine-tuning) against every rank of the baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.compare.collect import metric_values
+
+__all__ = ["mean_std", "paired_differences", "summarize", "to_markdown", "write_report"]
+
+#: Per-run numbers summarised per method and rank, in table order.
+FIELDS = ("best", "final", "time_per_step_s", "samples_per_s", "peak_memory_bytes",
+          "optimizer_state_bytes", "trainable_params", "total_params", "adapter_bytes",
+          "drift_max", "wall_s")
+
+CSV_COLUMNS = ("name", "method", "rank", "seed", "metric", "best", "best_step", "final",
+               "final_step", "time_per_step_s", "time_per_step_std_s", "timed_steps",
+               "samples_per_s", "peak_memory_bytes", "peak_memory_source",
+               "optimizer_state_bytes", "trainable_params", "total_params", "adapter_bytes",
+               "adapter_folder_bytes", "drift_max", "global_step", "device", "precision",
+               "world_size", "wall_s", "attempts")
+
+
+def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "n"}`` of the values that are not ``None`` / NaN; ``std`` is the
+    sample standard deviation (``ddof=1``), ``None`` for fewer than two values."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return {"mean": statistics.fmean(xs) if xs else None,
+            "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+
+
+def _rank_sort(label: str) -> tuple[int, int]:
+    return (0, 0) if label == "-" else (1, int(label))
+
+
+def _label(result: dict[str, Any]) -> str:
+    rank = result.get("rank")
+    return "-" if rank is None else str(rank)
+
+
+def _with_metric(results: Sequence[dict[str, Any]], metric: str, mode: str
+                 ) -> list[dict[str, Any]]:
+    return [{**r, **metric_values(r, metric, mode), "metric": metric, "mode": mode}
+            for r in results]
+
+
+def _groups(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Results by ``(method, rank label)``: methods in order of appearance, ranks ascending."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for method in methods:
+        labels = sorted({_label(r) for r in results if r["method"] == method}, key=_rank_sort)
+        for label in labels:
+            groups[(method, label)] = sorted(
+                (r for r in results if r["method"] == method and _label(r) == label),
+                key=lambda r: r["seed"])
+    return groups
+
+
+def summarize(results: Sequence[dict[str, Any]], metric: str = "val/score",
+              mode: str = "max") -> list[dict[str, Any]]:
+    """One row per method and rank: seeds and :func:`mean_std` of every field in FIELDS."""
+    rows = []
+    for (method, label), runs in _groups(_with_metric(results, metric, mode)).items():
+        row: dict[str, Any] = {"method": method, "rank": label, "n": len(runs),
+                               "seeds": [r["seed"] for r in runs]}
+        for name in FIELDS:
+            row[name] = mean_std(r.get(name) for r in runs)
+        rows.append(row)
+    return rows
+
+
+def paired_differences(results: Sequence[dict[str, Any]], baseline: str,
+                       metric: str = "val/score", mode: str = "max", field: str = "best"
+                       ) -> list[dict[str, Any]]:
+    """Seed-paired differences ``method - baseline`` of ``field`` for every other group.
+
+    Returns:
+        One dict per (method, rank, baseline rank): ``seeds`` (common, both finite), ``diffs``
+        and :func:`mean_std` of the diffs as ``mean`` / ``std`` / ``n``. Empty if the
+        baseline did not run.
+    """
+    groups = _groups(_with_metric(results, metric, mode))
+    base = {label: {r["seed"]: r.get(field) for r in runs}
+            for (method, label), runs in groups.items() if method == baseline}
+    out = []
+    for (method, label), runs in groups.items():
+        if method == baseline or not base:
+            continue
+        if label in base:
+            targets = [label]
+        elif len(base) == 1 or label == "-":
+            targets = sorted(base, key=_rank_sort)
+        else:
+            targets = []
+        values = {r["seed"]: r.get(field) for r in runs}
+        for target in targets:
+            seeds = sorted(s for s in values if s in base[target]
+                           and values[s] is not None and base[target][s] is not None)
+            diffs = [values[s] - base[target][s] for s in seeds]
+            out.append({"method": method, "rank": label, "baseline": baseline,
+                        "baseline_rank": target, "field": field, "seeds": seeds,
+                        "diffs": diffs, **mean_std(diffs)})
+    return out
+
+
+# -- Markdown -------------------------------------------------------------------------------
+def _pm(stat: dict[str, Any], fmt: str, scale: float = 1.0, sign: bool = False) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    spec = ("+" if sign else "") + fmt
+    text = format(stat["mean"] * scale, spec)
+    if stat["std"] is not None:
+        text += " ± " + format(stat["std"] * scale, fmt)
+    return text
+
+
+def _bytes(stat: dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if stat["mean"] >= size:
+            return _pm(stat, ".1f", 1 / size) + f" {unit}"
+    return _pm(stat, ".0f") + " B"
+
+
+def _params(row: dict[str, Any]) -> str:
+    trainable, total = row["trainable_params"]["mean"], row["total_params"]["mean"]
+    if trainable is None:
+        return "n/a"
+    share = f" ({100 * trainable / total:.2f}%)" if total else ""
+    return f"{int(round(trainable)):,}{share}"
+
+
+def _diff_cell(pairs: list[dict[str, Any]]) -> str:
+    cells = []
+    for p in pairs:
+        value = _pm(p, ".4f", sign=True) + f" (n={p['n']})" if p["n"] else "no common seeds"
+        cells.append(value if len(pairs) == 1 else f"r{p['baseline_rank']}: {value}")
+    return "; ".join(cells) if cells else "n/a"
+
+
+def to_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]],
+                metric: str, baseline: str) -> str:
+    """The comparison table: one row per method and rank, mean ± std over seeds."""
+    head = ["method", "rank", "n", f"{metric} best", f"{metric} final",
+            f"Δ best vs {baseline} (paired)", "time/step (ms)", "samples/s", "peak memory",
+            "optimizer state", "trainable params", "adapter size", "drift max"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary:
+        pairs = [p for p in paired if p["method"] == row["method"] and p["rank"] == row["rank"]]
+        diff = "(baseline)" if row["method"] == baseline else _diff_cell(pairs)
+        drift = row["drift_max"]
+        cells = [row["method"], row["rank"], str(row["n"]), _pm(row["best"], ".4f"),
+                 _pm(row["final"], ".4f"), diff, _pm(row["time_per_step_s"], ".1f", 1e3),
+                 _pm(row["samples_per_s"], ".1f"), _bytes(row["peak_memory_bytes"]),
+                 _bytes(row["optimizer_state_bytes"]), _params(row),
+                 _bytes(row["adapter_bytes"]),
+                 "-" if drift["mean"] is None else _pm(drift, ".2e")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- files ----------------------------------------------------------------------------------
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """One row per run; validation metrics at the best step and at the end as extra columns."""
+    tags = sorted({t for r in results for t in (r.get("metrics_at_best") or {})})
+    columns = [*CSV_COLUMNS, *(f"at_best:{t}" for t in tags), *(f"final:{t}" for t in tags)]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            row = {c: r.get(c) for c in CSV_COLUMNS}
+            row["rank"] = _label(r)
+            row.update({f"at_best:{t}": v for t, v in (r.get("metrics_at_best") or {}).items()})
+            row.update({f"final:{t}": v for t, v in (r.get("metrics_final") or {}).items()})
+            writer.writerow(row)
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = "val/score",
+                 mode: str = "max", baseline: str = "lora", header: str = "",
+                 meta: dict[str, Any] | None = None, failed: Sequence[tuple[str, str]] = (),
+                 plots: bool = True) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.json``, ``summary.md`` and the PNG plots into ``out``.
+
+    Args:
+        out: The comparison folder.
+        results: ``result.json`` contents of the runs to report.
+        metric: The validation metric compared; ``mode`` says which direction is better.
+        baseline: The method the paired differences are taken against.
+        header: Markdown put above the table (what was compared, with which budget).
+        meta: Extra JSON fields (command, machine, date).
+        failed: ``(run name, message)`` of runs that did not finish, listed under the table.
+        plots: Also draw the PNG plots (needs matplotlib).
+
+    Returns:
+        ``{kind: path}`` of every file written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    results = _with_metric(results, metric, mode)
+    summary = summarize(results, metric, mode)
+    paired = [*paired_differences(results, baseline, metric, mode, "best"),
+              *paired_differences(results, baseline, metric, mode, "final")]
+    files = {"csv": out / "results.csv", "json": out / "results.json",
+             "markdown": out / "summary.md"}
+    write_csv(results, files["csv"])
+    payload = {**(meta or {}), "metric": metric, "mode": mode, "baseline": baseline,
+               "summary": summary, "paired_differences": paired,
+               "failed": [{"name": n, "message": m} for n, m in failed], "runs": list(results)}
+    _atomic_text(files["json"], json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    table = to_markdown(summary, [p for p in paired if p["field"] == "best"], metric, baseline)
+    notes = (f"\nMean ± sample std (ddof=1) over seeds; `{metric}` "
+             f"({'higher' if mode == 'max' else 'lower'} is better) at its best validation and "
+             f"at the end. Δ: per-seed difference to `{baseline}` (same seeds, same rank or "
+             "its only rank), mean ± std. Time per optimizer step and samples/s after warm-up; "
+             "peak memory is CUDA max allocated on GPU, process peak RSS on CPU; adapter size: "
+             "the exported weight files (the whole model for full fine-tuning); drift max: the "
+             "largest `manifold/drift_max` logged (geometry-aware methods only).\n")
+    if failed:
+        notes += "\nRuns that did not finish:\n\n" + "".join(
+            f"- `{name}`: {message}\n" for name, message in failed)
+    _atomic_text(files["markdown"], (header.rstrip() + "\n\n" if header else "")
+                 + table + notes)
+    if plots and results:
+        from app.compare.plots import draw_all
+
+        files.update(draw_all(out, results, summary, metric))
+    return files

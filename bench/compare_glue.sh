@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The standard comparison: all-MiniLM-L6-v2 on GLUE MRPC and STS-B, 3 seeds, rank 8, every
+# method against LoRA with everything else identical (python -m app.compare).
+#
+#   bench/compare_glue.sh            # CPU budget (below), writes bench/results/compare_glue/
+#   bench/compare_glue.sh --gpu      # GPU budget, bf16-mixed, writes bench/results/compare_glue_gpu/
+#   bench/compare_glue.sh --smoke    # 2 methods x 1 seed x 5 steps: checks the pipeline (minutes)
+#
+# Environment overrides: TASKS="mrpc stsb", SEEDS="0 1 2", RANKS="8", METHODS="...",
+# DEVICES=N (GPU: N devices per run with DDP), EXTRA="more --trainer/--data arguments".
+# Rerunning the same command skips finished runs and resumes an interrupted one. Tables, CSV,
+# JSON and PNGs land in <out>/<task>/ (commit them); run folders in <out>/<task>/runs/ are
+# ignored by git (the `runs/` rule).
+#
+# Budgets (fixed optimizer steps, batch 32, max_length 128, full dev sets, validation twice
+# per run so that best and final differ, every fragment's own learning rate and schedule):
+#   CPU (2 cores): 40 steps (1,280 training pairs: 0.35 epoch of MRPC, 0.22 of STS-B),
+#       validation at steps 20 and 40. ~2.5-4.5 s per step on 2 cores plus start-up and
+#       validation: ~4-5 h for 11 methods x 3 seeds x 2 tasks (run one task at a time with
+#       TASKS=mrpc). This budget compares cost (time, memory, optimizer state, adapter size)
+#       exactly and quality only in the first steps of training.
+#   GPU: 10 epochs (MRPC 1,150 steps, STS-B 1,800), validation every epoch, bf16-mixed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=cpu
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) MODE=gpu ;;
+    --smoke) MODE=smoke ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --gpu, --smoke or nothing)" >&2; exit 2 ;;
+  esac
+done
+
+TASKS=${TASKS:-"mrpc stsb"}
+SEEDS=${SEEDS:-"0 1 2"}
+RANKS=${RANKS:-8}
+METHODS=${METHODS:-"full lora rslora dora asymmetric allora stella manifold_stiefel manifold_sphere galore garare"}
+PYTHON=${PYTHON:-python}
+read -r -a extra_user <<< "${EXTRA:-}"
+
+declare -A steps val
+warm=(--warmup-steps 5)
+case "$MODE" in
+  cpu)
+    OUT=bench/results/compare_glue
+    steps=([mrpc]=40 [stsb]=40); val=([mrpc]=20 [stsb]=20)
+    device=(--accelerator cpu --devices 1)
+    extra=()
+    note="CPU budget: 40 optimizer steps, batch 32, max_length 128, validation at steps 20 and 40 on the full dev set."
+    ;;
+  gpu)
+    OUT=bench/results/compare_glue_gpu
+    steps=([mrpc]=1150 [stsb]=1800); val=([mrpc]=115 [stsb]=180)
+    device=(--accelerator gpu --devices "${DEVICES:-1}")
+    if [ "${DEVICES:-1}" != 1 ]; then device+=(--strategy ddp); fi
+    extra=(--trainer.precision bf16-mixed)
+    note="GPU budget: 10 epochs (MRPC 1,150 / STS-B 1,800 optimizer steps), batch 32 per device, max_length 128, bf16-mixed, validation every epoch on the full dev set."
+    ;;
+  smoke)
+    OUT=runs/compare_glue_smoke
+    METHODS=${SMOKE_METHODS:-"lora stella"}; SEEDS=0
+    steps=([mrpc]=5 [stsb]=5); val=([mrpc]=5 [stsb]=5)
+    device=(--accelerator cpu --devices 1)
+    extra=(--trainer.limit_val_batches 2)
+    warm=(--warmup-steps 2)
+    note="Smoke test: 5 steps, 2 validation batches (numbers mean nothing)."
+    ;;
+esac
+
+status=0
+for task in $TASKS; do
+  # shellcheck disable=SC2086  # word splitting of the method / seed / rank lists is intended
+  "$PYTHON" -m app.compare \
+    --base "configs/data/glue_${task}.yaml" configs/model/minilm.yaml \
+    --methods $METHODS --seeds $SEEDS --ranks $RANKS --baseline lora \
+    --out "$OUT/$task" "${device[@]}" "${warm[@]}" \
+    --note "all-MiniLM-L6-v2 on GLUE ${task^^}. $note" \
+    --extra --trainer.max_steps "${steps[$task]}" --trainer.max_epochs -1 \
+    --trainer.val_check_interval "${val[$task]}" --trainer.check_val_every_n_epoch null \
+    --trainer.log_every_n_steps 5 \
+    --data.init_args.batch_size 32 --data.init_args.max_length 128 \
+    "${extra[@]}" "${extra_user[@]}" || status=$?
+done
+exit "$status"
