@@ -255,6 +255,55 @@ def test_datamodule_errors(tmp_path: Path, checkpoint: str) -> None:
         dm.setup()
 
 
+def test_labels_known_at_start_up_from_listings_only(
+    tmp_path: Path, checkpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.data.images as images
+
+    write_tree(tmp_path / "PACS", small_layout())
+
+    def no_scan(root: object) -> None:
+        raise AssertionError("the CLI links must not list every image")
+
+    monkeypatch.setattr(images, "scan_domain_folders", no_scan)
+    dm = DomainImageDataModule("pacs", ["sketch"], checkpoint, data_dir=str(tmp_path))
+    assert dm.task == dm.dataset == "pacs"
+    assert dm.num_labels == 2 and dm.class_names == ["dog", "horse"]
+    assert dm.domain_names == ["art_painting", "cartoon", "photo", "sketch"]
+    monkeypatch.undo()
+    dm.setup()
+    assert len(dm.test_sets[0]) == 11
+    # A class folder without images would make the model's head one class too wide.
+    for domain in ("art_painting", "cartoon", "photo", "sketch"):
+        (tmp_path / "PACS" / domain / "zebra").mkdir()
+    dm = DomainImageDataModule("pacs", ["sketch"], checkpoint, data_dir=str(tmp_path))
+    assert dm.num_labels == 3
+    with pytest.raises(ValueError, match=r"\['zebra'\].*hold no image"):
+        dm.setup()
+
+
+def test_loaders_resumable_and_seeded_by_the_run(
+    tmp_path: Path, checkpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.data.resumable import EpochShuffleSampler, ResumableDataLoader
+
+    write_tree(tmp_path / "PACS", small_layout())
+    dm = DomainImageDataModule(
+        "pacs", ["sketch"], checkpoint, data_dir=str(tmp_path), batch_size=4, augment=False
+    )
+    dm.setup()
+    assert dm.eval_batch_size == 8 and dm.val_dataloader().batch_size == 8
+
+    def first_labels(seed: int) -> list[int]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
+        loader = dm.train_dataloader()
+        assert isinstance(loader, ResumableDataLoader)
+        assert isinstance(loader.sampler, EpochShuffleSampler) and loader.sampler.seed == seed
+        return torch.cat([b["labels"] for b in loader]).tolist()
+
+    assert first_labels(1) == first_labels(1) != first_labels(2)
+
+
 def test_bad_image_skip_and_error(
     tmp_path: Path, checkpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:

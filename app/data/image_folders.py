@@ -91,6 +91,30 @@ def scan_domain_folders(root: str | os.PathLike[str]) -> dict[str, list[tuple[st
     return result
 
 
+def list_domain_classes(root: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Return ``{domain: sorted class folder names}`` without listing any image.
+
+    Two directory listings per domain, so it is cheap even for DomainNet's 600k images: the
+    CLI uses it to tell the model the number of classes at start-up. Domains without class
+    folders are left out, as in :func:`scan_domain_folders`.
+
+    Args:
+        root: Dataset folder holding one sub-folder per domain.
+
+    Raises:
+        FileNotFoundError: If ``root`` is not a directory.
+    """
+    root = Path(root)
+    result: dict[str, list[str]] = {}
+    for domain in list_domains(root):
+        classes = sorted(
+            p.name for p in (root / domain).iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        if classes:
+            result[domain] = classes
+    return result
+
+
 def read_split_file(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """Read a DomainNet split file (lines ``relative/path.jpg label``; blank lines ignored).
 

@@ -23,10 +23,15 @@ from app.data.image_folders import (
     DomainSplit,
     build_class_index,
     leave_one_domain_out,
+    list_domain_classes,
+    resolve_domains,
     scan_domain_folders,
     split_from_files,
 )
 from app.data.image_transforms import EvalTransform, TrainTransform, image_geometry
+from app.data.resumable import private_generator, run_seed, training_loader
+from app.errors import ConfigError
+from app.hub import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +184,22 @@ class DomainImageDataModule(LightningDataModule):
     order of :attr:`test_domain_names` (the order given in ``test_domains``), so metrics can
     be reported per domain. Batches are ``{"pixel_values", "labels", "domain"}``, where
     ``domain`` indexes :attr:`domain_names`. Batches mix the training domains (ERM sampling).
+
+    The training order depends only on the run seed and the epoch and is saved in checkpoints
+    (:func:`app.data.resumable.training_loader`), as in the GLUE module; with
+    ``num_workers=0`` the augmentation draws from torch's global generator, which the task
+    module checkpoints, so a resumed run continues exactly. (With workers, each worker's
+    augmentation stream starts afresh on resume.)
+
+    The CLI links ``task`` and ``test_domains`` to the model at parse time and
+    :attr:`num_labels`, :attr:`class_names` and :attr:`domain_names` at instantiation; for
+    local folders these come from directory listings only, so start-up stays fast on
+    DomainNet.
     """
 
     def __init__(
         self,
-        dataset: str,
+        task: str,
         test_domains: list[str],
         checkpoint: str,
         data_dir: str | None = None,
@@ -191,6 +207,7 @@ class DomainImageDataModule(LightningDataModule):
         holdout_fraction: float = 0.2,
         image_size: int | None = None,
         batch_size: int = 32,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         use_split_files: bool = False,
@@ -203,8 +220,9 @@ class DomainImageDataModule(LightningDataModule):
         """Store the options; nothing is read until :meth:`setup` (or a property needs it).
 
         Args:
-            dataset: One of ``pacs``, ``vlcs``, ``office_home``, ``terra_incognita``,
-                ``domainnet``.
+            task: The dataset: ``pacs``, ``vlcs``, ``office_home``, ``terra_incognita`` or
+                ``domainnet`` (named ``task`` like the other DataModules' option, which the CLI
+                links to the model).
             test_domains: Held-out domains, e.g. ``["sketch"]``.
             checkpoint: Model checkpoint (hub name or folder) whose image processor gives the
                 input size and normalisation; linked from the model.
@@ -213,9 +231,11 @@ class DomainImageDataModule(LightningDataModule):
             train_domains: Training domains; ``None`` means all domains not tested on.
             holdout_fraction: Fraction of each training domain held out for validation.
             image_size: Square input size overriding the processor's.
-            batch_size: Examples per batch in every loader.
+            batch_size: Training examples per batch (per device).
+            eval_batch_size: Examples per validation / test batch (default ``2 * batch_size``).
             num_workers: DataLoader worker processes.
-            seed: Seed of the hold-out split and of the training shuffle.
+            seed: Seed of the hold-out split. The training order follows the run seed
+                (``seed_everything``), as in every DataModule here.
             use_split_files: DomainNet only: train on ``<domain>_train.txt`` and validate on
                 ``<domain>_test.txt`` of the training domains instead of a random hold-out.
             on_bad_image: ``skip`` drops unreadable images (count logged at WARNING),
@@ -230,25 +250,28 @@ class DomainImageDataModule(LightningDataModule):
             ValueError: For an unknown dataset or an invalid option.
         """
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; valid: {sorted(DATASETS)}")
+        if task not in DATASETS:
+            raise ValueError(f"unknown dataset {task!r}; valid: {sorted(DATASETS)}")
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
-        if use_split_files and (dataset != "domainnet" or hub_dataset):
-            raise ValueError("use_split_files works only for dataset='domainnet' from data_dir")
+        if use_split_files and (task != "domainnet" or hub_dataset):
+            raise ValueError("use_split_files works only for task='domainnet' from data_dir")
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if batch_size < 1 or (eval_batch_size or 1) < 1 or num_workers < 0:
+            raise ValueError("batch sizes must be >= 1 and num_workers >= 0")
         self.save_hyperparameters()
-        self.dataset, self.data_dir, self.checkpoint = dataset, data_dir, checkpoint
+        self.task = self.dataset = task
+        self.data_dir, self.checkpoint = data_dir, checkpoint
         self.test_domains, self.train_domains = list(test_domains), train_domains
         self.holdout_fraction, self.image_size, self.seed = holdout_fraction, image_size, seed
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.use_split_files, self.hub_dataset = use_split_files, hub_dataset
         self.on_bad_image, self.allow_missing_classes = on_bad_image, allow_missing_classes
         self.augment, self.crop_scale = augment, tuple(crop_scale)
         self._index: tuple[list[str], list[str], DomainSplit[Any], Any] | None = None
+        self._listing: tuple[list[str], list[str]] | None = None
         self.train_set: DomainImageDataset | None = None
         self.val_set: DomainImageDataset | None = None
         self.test_sets: list[DomainImageDataset] = []
@@ -271,6 +294,12 @@ class DomainImageDataModule(LightningDataModule):
                 return self._index
             by_domain, loader = scan_domain_folders(root), FileLoader(root)
         classes = build_class_index(by_domain, self.allow_missing_classes)
+        if self._listing is not None and self._listing != (classes, sorted(by_domain)):
+            empty = sorted(set(self._listing[0]) - set(classes))
+            raise ValueError(
+                f"class folder(s) {empty} in {self.data_dir or 'data'} hold no image; the "
+                "model was built for the class folders found at start-up. Remove them"
+            )
         split = leave_one_domain_out(
             by_domain, self.test_domains, self.holdout_fraction, self.seed, self.train_domains
         )
@@ -326,7 +355,7 @@ class DomainImageDataModule(LightningDataModule):
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(self.checkpoint)
+            return AutoImageProcessor.from_pretrained(resolve_checkpoint(self.checkpoint))
         except (OSError, ValueError) as exc:
             raise OSError(
                 f"cannot load an image processor from checkpoint {self.checkpoint!r}; save one "
@@ -374,12 +403,37 @@ class DomainImageDataModule(LightningDataModule):
             make([p for p in split.test if p[0] == d], eval_tf) for d in self.test_domain_names
         ]
 
-    # ----- properties -----
+    # ----- properties (linked into the model at instantiation) -----
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        """``(class_names, domain_names)``, from directory listings while no index is built.
+
+        Local folders (without split files) are only listed here, two levels deep, and the
+        requested domains checked, so the CLI learns the label set without listing a single
+        image; :meth:`_build_index` later confirms it. Otherwise the index is built.
+        """
+        if self._index is not None:
+            return list(self._index[0]), list(self._index[1])
+        try:  # at start-up: one `error:` line from the CLI, not a traceback
+            if self.hub_dataset or self.use_split_files:
+                classes, domains, _, _ = self._build_index()
+                return list(classes), list(domains)
+            if self._listing is None:
+                listing = list_domain_classes(find_dataset_folder(self.dataset, self.data_dir))
+                resolve_domains(list(listing), self.test_domains, self.train_domains)
+                by_domain = {d: [(None, c) for c in names] for d, names in listing.items()}
+                classes = build_class_index(by_domain, self.allow_missing_classes)
+                self._listing = (classes, sorted(listing))
+        except (FileNotFoundError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"data.init_args ({self.dataset}): {err}") from err
+        return list(self._listing[0]), list(self._listing[1])
 
     @property
     def class_names(self) -> list[str]:
         """Sorted class names; label ``i`` is ``class_names[i]``."""
-        return list(self._build_index()[0])
+        return self._names()[0]
 
     @property
     def num_labels(self) -> int:
@@ -389,7 +443,7 @@ class DomainImageDataModule(LightningDataModule):
     @property
     def domain_names(self) -> list[str]:
         """All domains found, sorted; a batch's ``domain`` indexes this list."""
-        return list(self._build_index()[1])
+        return self._names()[1]
 
     @property
     def test_domain_names(self) -> list[str]:
@@ -398,22 +452,23 @@ class DomainImageDataModule(LightningDataModule):
 
     # ----- loaders -----
 
-    def _loader(self, data: DomainImageDataset | None, shuffle: bool = False) -> DataLoader:
+    def _loader(self, data: DomainImageDataset | None, train: bool = False) -> DataLoader:
+        """The resumable seeded loader for training, a plain ordered one for evaluation."""
         if data is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_images,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        kwargs: dict[str, Any] = {
+            "collate_fn": collate_images,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:
+            return training_loader(data, self.batch_size, run_seed(), self.trainer, **kwargs)
+        return DataLoader(data, batch_size=self.eval_batch_size,
+                          generator=private_generator(run_seed()), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled loader over the training domains (minus their hold-outs)."""
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
         """Loader over the hold-outs of all training domains."""
