@@ -84,3 +84,47 @@ def test_python_m_app_validate(tiny_ckpt, glue_dir: Path, tmp_path: Path) -> Non
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val/pearson" in proc.stdout and "val/spearman" in proc.stdout
+
+
+def test_test_and_predict_from_checkpoint(tiny_ckpt, glue_dir: Path, tmp_path: Path) -> None:
+    """``test`` and ``predict`` restore a fit checkpoint and use the trained weights."""
+    from app.cli import build_cli
+
+    cfg = write_yaml(tmp_path / "run.yaml", glue_run_config(tiny_ckpt("bert"), glue_dir,
+                                                            tmp_path / "runs", adapter=LORA))
+    fitted = build_cli(["fit", "--config", str(cfg)])
+    last = Path(fitted.trainer.checkpoint_callback.last_model_path)
+    val_acc = float(fitted.trainer.callback_metrics["val/accuracy"])
+
+    tested = build_cli(["test", "--config", str(cfg), "--ckpt_path", str(last)])
+    metrics = tested.trainer.callback_metrics
+    assert {"test/accuracy", "test/score"} <= set(metrics)
+    assert float(metrics["test/accuracy"]) == pytest.approx(val_acc)  # same dev set, same weights
+
+    predicted = build_cli(["predict", "--config", str(cfg), "--ckpt_path", str(last)])
+    outputs = predicted.trainer.predict_loop.predictions
+    preds = torch.cat([o["predictions"] for o in outputs])
+    labels = torch.cat([o["labels"] for o in outputs])
+    assert preds.shape == labels.shape == (16,)
+    assert (preds == labels).float().mean().item() == pytest.approx(val_acc)
+
+
+def test_tokenised_cache_is_reused(tiny_ckpt, glue_dir: Path, tmp_path: Path) -> None:
+    from app.data.glue import GLUEDataModule
+
+    dm = GLUEDataModule("mrpc", data_dir=str(glue_dir), checkpoint=str(tiny_ckpt("bert")),
+                        max_length=32, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    stamp = dm.cache_path.stat().st_mtime_ns
+    again = GLUEDataModule("mrpc", data_dir=str(glue_dir), checkpoint=str(tiny_ckpt("bert")),
+                           max_length=32, cache_dir=str(tmp_path / "cache"))
+    assert again.cache_path == dm.cache_path
+    again.prepare_data()
+    assert dm.cache_path.stat().st_mtime_ns == stamp  # not rebuilt
+    other = GLUEDataModule("mrpc", data_dir=str(glue_dir), checkpoint=str(tiny_ckpt("bert")),
+                           max_length=24, cache_dir=str(tmp_path / "cache"))
+    assert other.cache_path != dm.cache_path  # settings are part of the key
+    again.setup("fit")
+    batch = next(iter(again.train_dataloader()))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape[1] <= 32
