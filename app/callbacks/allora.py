@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from app.adapters.lora import AlloraConfig, lora_layers
+from app.callbacks.factors import check_strategy
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
 
@@ -111,6 +112,8 @@ class AlloraUpdateScaling(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # FSDP1 hands the optimizer flat 1-D shards (not DTensors): row norms would be wrong.
+        check_strategy(trainer, "AlloraUpdateScaling")
         adapter = getattr(pl_module, "adapter", None)
         if not isinstance(adapter, AlloraConfig):
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -32,7 +33,13 @@ class SaveAdapter(L.Callback):
         root = Path(trainer.log_dir or trainer.default_root_dir)
         target = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname
         self.path = target
-        if trainer.is_global_zero:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Shards only: gather on every rank (a collective), export on rank 0.
+            state = trainer.strategy.lightning_module_state_dict()
+            if trainer.is_global_zero:
+                pl_module.save_adapter_from_state_dict(target, state)
+                rank_zero_info(f"adapter saved to {target}")
+        elif trainer.is_global_zero:
             pl_module.save_adapter(target)
             rank_zero_info(f"adapter saved to {target}")
         trainer.strategy.barrier("save_adapter")

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from app.adapters import (
 )
 from app.errors import ConfigError
 from app.hub import load_pretrained, resolve_checkpoint
-from app.optim.compat import check_optimizer_adapter
+from app.optim.compat import check_optimizer_adapter, check_optimizer_strategy
 from app.optim.schedules import WarmupDecay
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,27 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _no_decay(name: str, param: torch.Tensor, patterns: tuple[str, ...]) -> bool:
-    return param.ndim < 2 or any(p in name for p in patterns)
+def _no_decay(name: str, ndim: int, patterns: tuple[str, ...]) -> bool:
+    return ndim < 2 or any(p in name for p in patterns)
+
+
+#: Name parts that FSDP1 / activation checkpointing insert into wrapped parameters' names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """``name`` without the wrapper parts FSDP adds (the name before the model was wrapped)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's global random states (CPU, and CUDA once initialised)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
 
 
 class AdaptedModule(L.LightningModule):
@@ -97,6 +116,8 @@ class AdaptedModule(L.LightningModule):
         # Adapter-only checkpoints: the frozen base is reloaded from `checkpoint`.
         self.strict_loading = False
         self._initial_adapter_dir: tempfile.TemporaryDirectory | None = None
+        self._state_keys: frozenset[str] | None = None  # set by configure_model
+        self._param_ndims: dict[str, int] = {}  # set by configure_model
         self.hf_config = load_pretrained(self.config_class(), checkpoint, **self.config_kwargs())
         with torch.device("meta"):
             meta_model = self.model_class().from_config(self.hf_config)
@@ -120,7 +141,13 @@ class AdaptedModule(L.LightningModule):
 
     # -- model ----------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the pretrained model and apply the adapter (once)."""
+        """Load the pretrained model and apply the adapter (once).
+
+        Under a Trainer, first refuse strategies this module cannot run with (see
+        :meth:`check_strategy`), before anything is loaded.
+        """
+        if self._trainer is not None:
+            self.check_strategy(self._trainer.strategy)
         if self.model is not None:
             return
         base = load_pretrained(self.model_class(), self.checkpoint, config=self.hf_config)
@@ -128,6 +155,11 @@ class AdaptedModule(L.LightningModule):
         self.model = apply_adapter(base, self.adapter, heads)
         self.model.train()  # from_pretrained returns eval mode; dropout must be on for fit
         self._keep_initial_adapter()
+        # Fixed here, before a strategy wraps the model: FSDP renames parameters
+        # (`_fsdp_wrapped_module.`) and its state_dict hooks are collectives.
+        self._state_keys = frozenset(f"model.{k}" for k in adapter_state_keys(self.model))
+        # FSDP1 (use_orig_params) shows the optimizer flat 1-D shards: keep the real ranks.
+        self._param_ndims = {n: p.ndim for n, p in self.model.named_parameters()}
         trainable, total = count_parameters(self.model)
         rank_zero_info(
             f"parameters: trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
@@ -148,11 +180,58 @@ class AdaptedModule(L.LightningModule):
             self.model.save_pretrained(self._initial_adapter_dir.name)
             config.init_lora_weights = init
 
+    def check_strategy(self, strategy: object) -> None:
+        """Refuse a strategy this module cannot train with, naming what to use instead.
+
+        - GaLore / GaRare under a sharding strategy
+          (:func:`app.optim.compat.check_optimizer_strategy`);
+        - LoRA+ (``loraplus_lr_ratio``) under FSDP;
+        - ``ModelParallelStrategy`` (FSDP2 / tensor parallel): it expects ``configure_model``
+          to shard the model itself, which this module does not do, so every rank would train
+          an unsynchronised full copy; adapter-only checkpoints would also not load into its
+          sharded format. FSDP on GPUs is ``configs/strategy/fsdp.yaml``.
+
+        Raises:
+            ConfigError: For the combinations above.
+        """
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        check_optimizer_strategy(self.optimizer_factory, strategy)
+        if self.loraplus_lr_ratio is not None and isinstance(strategy, FSDPStrategy):
+            raise ConfigError(
+                "model.init_args.loraplus_lr_ratio (LoRA+) does not support trainer.strategy="
+                f"{type(strategy).__name__}: PEFT's create_loraplus_optimizer tells A from B "
+                "partly by parameter dimensions, which FSDP flattens; use trainer.strategy=ddp "
+                "(configs/strategy/ddp.yaml)")
+        if isinstance(strategy, ModelParallelStrategy):
+            raise ConfigError(
+                f"{type(self).__name__} does not support trainer.strategy=ModelParallelStrategy "
+                "(FSDP2 / tensor parallelism): the model is not sharded in configure_model and "
+                "checkpoints hold only the adapter; use trainer.strategy=ddp "
+                "(configs/strategy/ddp.yaml), or FSDP on GPUs (configs/strategy/fsdp.yaml)")
+
     @property
     def trainable_state_keys(self) -> set[str]:
         """``state_dict`` keys a checkpoint holds (see :func:`app.adapters.adapter_state_keys`)."""
         assert self.model is not None
+        if self._state_keys is not None:
+            return set(self._state_keys)
         return {f"model.{k}" for k in adapter_state_keys(self.model)}
+
+    def check_checkpoint_keys(self, stored: set[str]) -> None:
+        """Raise if a checkpoint's ``state_dict`` keys are not exactly this module's.
+
+        Raises:
+            ConfigError: Naming missing and unexpected keys.
+        """
+        expected = self.trainable_state_keys
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        if missing or unexpected:
+            raise ConfigError(
+                "checkpoint does not match this model and adapter: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}); resume with the same method and model config"
+            )
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -189,7 +268,9 @@ class AdaptedModule(L.LightningModule):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (no_decay if _no_decay(name, param, patterns) else decay).append((name, param))
+                name = _unwrapped_name(name)
+                ndim = self._param_ndims.get(name, param.ndim)
+                (no_decay if _no_decay(name, ndim, patterns) else decay).append((name, param))
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
@@ -199,24 +280,29 @@ class AdaptedModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # Dropout draws from the global generators: restoring them makes a resumed run
         # continue exactly as an uninterrupted one (the data order is seeded separately).
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = _rng_states()
+        # Ranks draw different amounts (dropout over differently padded batches), so each
+        # rank's state is kept; every rank writes checkpoints together, so this gather is safe.
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() > 1):
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, _rng_states())
+            checkpoint["rng_states"]["per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:
             self.configure_model()
-        stored = set(checkpoint["state_dict"])
-        expected = self.trainable_state_keys
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        if missing or unexpected:
-            raise ConfigError(
-                "checkpoint does not match this model and adapter: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:3]}); resume with the same method and model config"
-            )
-        if "rng_states" in checkpoint and self.trainer.state.fn == "fit":
+        # FSDP loads the weights itself and passes the rest without `state_dict`; its keys
+        # are checked by app.strategies.AdapterFSDPStrategy.load_checkpoint.
+        if "state_dict" in checkpoint:
+            self.check_checkpoint_keys(set(checkpoint["state_dict"]))
+        if "rng_states" in checkpoint and self._trainer is not None and (
+                self.trainer.state.fn == "fit"):
             states = checkpoint["rng_states"]
+            per_rank = states.get("per_rank") or []
+            rank = self.trainer.global_rank
+            if rank < len(per_rank) and len(per_rank) == self.trainer.world_size:
+                states = per_rank[rank]
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
@@ -247,6 +333,41 @@ class AdaptedModule(L.LightningModule):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+    def save_adapter_from_state_dict(self, directory: str | os.PathLike,
+                                     state_dict: Mapping[str, torch.Tensor],
+                                     tokenizer_source: str | None = None) -> Path:
+        """:meth:`save_adapter` for strategies that wrap and shard the model (FSDP).
+
+        There the model holds only shards and its ``state_dict`` is a collective, so the
+        caller gathers the full state dict on every rank (``strategy.
+        lightning_module_state_dict()``) and calls this on rank 0: the model is rebuilt
+        unwrapped from its source, given the gathered trained weights and exported.
+
+        Args:
+            directory: As for :meth:`save_adapter`.
+            state_dict: The module's full state dict (keys ``model.``...); at least every
+                key of :attr:`trainable_state_keys`.
+            tokenizer_source: As for :meth:`save_adapter`.
+
+        Returns:
+            The folder written.
+        """
+        missing = sorted(self.trainable_state_keys - set(state_dict))
+        if missing:
+            raise RuntimeError(f"save_adapter_from_state_dict: the state dict lacks {len(missing)}"
+                               f" trained tensors (e.g. {missing[:3]}); gather it on every rank")
+        wrapped = self.model
+        self.model = None
+        try:
+            self.configure_model()
+            assert self.model is not None
+            weights = {k[len("model."):]: v for k, v in state_dict.items()
+                       if k in self.trainable_state_keys}
+            self.model.load_state_dict(weights, strict=False)
+            return self.save_adapter(directory, tokenizer_source)
+        finally:
+            self.model = wrapped
 
     def _write_export(self, folder: Path) -> None:
         model = self.model

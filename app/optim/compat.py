@@ -19,7 +19,7 @@ import torch
 from app.errors import ConfigError
 from app.optim.galore import _ProjectedAdamW
 
-__all__ = ["check_optimizer_adapter", "optimizer_class"]
+__all__ = ["check_optimizer_adapter", "check_optimizer_strategy", "optimizer_class"]
 
 _OPTION = "model.init_args.optimizer"
 
@@ -88,3 +88,38 @@ def check_optimizer_adapter(
     except ValueError as err:
         raise ConfigError(f"{_OPTION}.init_args ({cls.__name__} on {type(model).__name__}): "
                           f"{err}") from None
+
+
+def check_optimizer_strategy(
+    optimizer_factory: Callable[..., torch.optim.Optimizer] | Any, strategy: object
+) -> None:
+    """Refuse GaLore / GaRare under a strategy that shards parameters, before the model is built.
+
+    The projection needs each targeted weight's whole gradient matrix on every rank. FSDP
+    (``FSDPStrategy``; with ``use_orig_params`` each rank sees flat 1-D shards, so the optimizer
+    would silently find no 2-D weight), FSDP2 / tensor parallelism (``ModelParallelStrategy``,
+    DTensor shards) and DeepSpeed shard them. DDP and single-device runs keep full weights.
+
+    Args:
+        optimizer_factory: The module's ``optimizer`` (an ``OptimizerCallable``).
+        strategy: ``trainer.strategy``.
+
+    Raises:
+        ConfigError: Naming the strategy and what to use instead.
+    """
+    cls = optimizer_class(optimizer_factory)
+    if cls is None or not issubclass(cls, _ProjectedAdamW):
+        return
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
+        raise ConfigError(
+            f"{_OPTION}: {cls.__name__} does not support trainer.strategy="
+            f"{type(strategy).__name__}: it projects each targeted weight's whole gradient "
+            "matrix, and this strategy shards weights and gradients across ranks; use "
+            "trainer.strategy=ddp (configs/strategy/ddp.yaml, every rank keeps full weights), or "
+            "torch.optim.AdamW (configs/methods/full.yaml) if the model needs FSDP")

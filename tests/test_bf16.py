@@ -1,0 +1,106 @@
+"""``configs/strategy/bf16.yaml`` with every method: bf16 compute, fp32 master weights and fp32
+optimizer state, and each method's constraint still holds after a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from test_resume_methods import METHODS, TINY_ADAPTER, method_fragment
+from tiny import glue_run_config, write_yaml
+
+from app.callbacks.factors import tall
+from app.cli import build_cli
+from app.manifolds import sphere, stiefel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ComputeDtype(L.Callback):
+    """Records the output dtype of every ``nn.Linear`` during training steps."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[torch.dtype] = set()
+        self._handles: list[Any] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def record(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            if module.training:
+                self.dtypes.add(output.dtype)
+
+        self._handles = [m.register_forward_hook(record) for m in pl_module.modules()
+                         if isinstance(m, torch.nn.Linear)]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _fit(name: str, ckpt: Path, glue_dir: Path, tmp_path: Path):
+    cfg = glue_run_config(ckpt, glue_dir, tmp_path / "runs", max_steps=3, limit_val_batches=0,
+                          val_check_interval=None)
+    return build_cli([
+        "fit", "--config", str(write_yaml(tmp_path / "run.yaml", cfg)),
+        "--config", str(method_fragment(name, tmp_path)),
+        "--trainer.callbacks+=test_bf16.ComputeDtype",  # after the fragment's own list
+        "--config", str(ROOT / "configs/strategy/bf16.yaml"),
+        "--checkpoint.monitor", "null", "--save_adapter.enabled", "false"])
+
+
+def _callback(cli, cls_name: str) -> Any:
+    (found,) = [c for c in cli.trainer.callbacks if type(c).__name__ == cls_name]
+    return found
+
+
+def _check_constraint(name: str, cli) -> None:
+    named = dict(cli.model.model.named_parameters())
+    optimizer = cli.trainer.optimizers[0]
+    if name == "stella":
+        factors = [p for n, p in named.items() if "stella_U" in n or "stella_V" in n]
+        assert len(factors) == 8
+        assert max(float(stiefel.drift(tall(p.detach()))) for p in factors) < 1e-5
+        assert _callback(cli, "StellaCallback").num_steps == 3
+    elif name.startswith("manifold_"):
+        bs = [tall(p.detach()) for n, p in named.items() if "lora_B" in n]
+        drift = stiefel.drift if name == "manifold_stiefel" else sphere.drift
+        assert len(bs) == 4 and max(float(drift(b)) for b in bs) < 1e-3
+        assert _callback(cli, "LandingCallback").num_steps == 3
+    elif name == "asymmetric":
+        a = [p for n, p in named.items() if "lora_A" in n]
+        assert len(a) == 4 and not any(p.requires_grad for p in a)
+        eye = torch.eye(TINY_ADAPTER["r"])
+        assert all(torch.allclose(p @ p.T, eye, atol=1e-5) for p in a)  # frozen, orthonormal
+    elif name == "allora":
+        assert set(_callback(cli, "AlloraUpdateScaling").last_coefficient_mean) == {"A", "B"}
+    elif name == "loraplus":
+        base = optimizer.param_groups[0]["initial_lr"]  # the schedule has decayed lr to 0
+        lrs = {round(g["initial_lr"] / base, 6) for g in optimizer.param_groups if g["params"]}
+        assert 16.0 in lrs  # B learns loraplus_lr_ratio times faster
+    elif name in ("galore", "garare"):
+        projected = [(p, optimizer.state[p]) for g in optimizer.param_groups
+                     for p, flag in zip(g["params"], g["projected"]) if flag]
+        assert projected
+        for p, state in projected:
+            assert 4 in state["exp_avg"].shape and state["exp_avg"].numel() < p.numel()
+            assert ("projector" in state) == (name == "galore")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_mixed_keeps_fp32_masters_and_constraints(name: str, tiny_ckpt, glue_dir: Path,
+                                                       tmp_path: Path) -> None:
+    cli = _fit(name, tiny_ckpt("bert"), glue_dir, tmp_path)
+    assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 3
+    assert torch.bfloat16 in _callback(cli, "ComputeDtype").dtypes  # compute really is bf16
+    trainable = {n: p for n, p in cli.model.model.named_parameters() if p.requires_grad}
+    assert trainable
+    bad = {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32}
+    assert not bad, f"trainable parameters not fp32: {bad}"
+    optimizer = cli.trainer.optimizers[0]
+    states = [(k, v) for s in optimizer.state.values() for k, v in s.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert states and all(v.dtype == torch.float32 for _, v in states), \
+        {k: v.dtype for k, v in states}
+    _check_constraint(name, cli)
