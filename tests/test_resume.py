@@ -88,3 +88,24 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch() -> None:
     c = EpochShuffleSampler(20, seed=4)
     c.set_epoch(2)
     assert list(c) != list(a)
+
+
+def test_epoch_sampler_shards_one_order_over_ranks() -> None:
+    """Two ranks see disjoint shards of the same epoch order (padded like DistributedSampler)
+    and each resumes at its own next batch."""
+    from torch.utils.data import DistributedSampler
+
+    full = EpochShuffleSampler(11, seed=5)
+    full.set_epoch(1)
+    ranks = [EpochShuffleSampler(11, seed=5, num_replicas=2, rank=r) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+        assert isinstance(sampler, DistributedSampler)  # Lightning must not wrap it again
+        assert len(sampler) == 6
+    order = list(full)
+    shards = [list(s) for s in ranks]
+    padded = order + order[:1]
+    assert shards[0] == padded[0::2] and shards[1] == padded[1::2]
+    assert sorted(set(shards[0] + shards[1])) == list(range(11))
+    ranks[1].skip_next(4)
+    assert list(ranks[1]) == shards[1][4:]

@@ -4,33 +4,48 @@ A plain ``DataLoader(shuffle=True)`` draws its permutation from the global rando
 resumed run sees a different order than one never stopped. :class:`EpochShuffleSampler` draws
 the permutation of epoch ``e`` from ``seed`` and ``e`` alone (Lightning calls ``set_epoch``),
 and :class:`ResumableDataLoader` implements Lightning's ``state_dict`` / ``load_state_dict``
-protocol so a run saved mid-epoch continues with the next unseen batch. Under a distributed
-strategy Lightning wraps the sampler to shard it; the order stays deterministic per epoch,
-and mid-epoch positions are not restored there (Lightning warns; resume from an epoch end).
+protocol so a run saved mid-epoch continues with the next unseen batch. Under data
+parallelism the sampler shards the epoch's order itself (padding like ``DistributedSampler``,
+which it subclasses so that Lightning does not wrap it), so every rank resumes at its own
+next batch too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Indices ``0..size-1`` in an order fixed by ``(seed, epoch)``.
+class EpochShuffleSampler(DistributedSampler):
+    """Indices ``0..size-1`` in an order fixed by ``(seed, epoch)``, sharded over ranks.
+
+    With ``num_replicas`` R > 1 the epoch's order is padded by repeating its start to a
+    multiple of R and rank ``k`` takes every R-th index from position ``k`` (the
+    ``DistributedSampler`` convention), so the ranks see disjoint shards of one order.
 
     Args:
         size: Dataset length.
         seed: Base seed (the run seed).
         shuffle: ``False`` keeps the natural order.
+        num_replicas: Number of data-parallel ranks.
+        rank: This process's rank.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        # DistributedSampler.__init__ would query torch.distributed; set its fields directly.
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = False
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, samples)
 
@@ -43,11 +58,16 @@ class EpochShuffleSampler(Sampler[int]):
         self._skip = (self.epoch if epoch is None else epoch, samples)
 
     def order(self) -> torch.Tensor:
-        """The full index order of the current epoch."""
+        """This rank's index order for the current epoch."""
         if not self.shuffle:
-            return torch.arange(self.size)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator)
+            full = torch.arange(self.size)
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            full = torch.randperm(self.size, generator=generator)
+        if self.num_replicas == 1:
+            return full
+        padded = torch.cat([full, full.repeat(math.ceil(self.total_size / self.size))])
+        return padded[: self.total_size][self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         start = 0
@@ -58,7 +78,7 @@ class EpochShuffleSampler(Sampler[int]):
         yield from self.order()[start:].tolist()
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 class ResumableDataLoader(DataLoader):
@@ -96,8 +116,10 @@ def training_loader(dataset: Any, batch_size: int, seed: int, trainer: Any = Non
         trainer: The Lightning trainer, to read the epoch progress at save time.
         **kwargs: Other DataLoader arguments (collate_fn, num_workers, ...).
     """
-    loader = ResumableDataLoader(dataset, batch_size=batch_size,
-                                 sampler=EpochShuffleSampler(len(dataset), seed),
+    replicas = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+    sampler = EpochShuffleSampler(len(dataset), seed, num_replicas=replicas, rank=rank)
+    loader = ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                  generator=private_generator(seed), **kwargs)
     if trainer is not None:
         def progress() -> int:
