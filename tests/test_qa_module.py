@@ -151,3 +151,23 @@ def test_bad_qa_inputs(tiny_ckpt, tmp_path: Path, capsys) -> None:
         main(["fit", "--config", str(path)])
     assert exc.value.code == 2
     assert "'data'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["stella", "manifold_stiefel"])
+def test_geometry_methods_on_question_answering(method: str, tiny_ckpt, tmp_path: Path) -> None:
+    """The geometry method fragments run unchanged on the QA module (tiny BERT)."""
+    root = Path(__file__).resolve().parents[1]
+    data = squad_file(tmp_path / "dev.json")
+    cfg = qa_config(tiny_ckpt("bert"), tmp_path, "squad", data)
+    del cfg["model"]["init_args"]["adapter"], cfg["model"]["init_args"]["optimizer"]
+    path = write_yaml(tmp_path / "run.yaml", cfg)
+    cli = build_cli(["fit", "--config", str(path), "--config",
+                     str(root / f"configs/methods/{method}.yaml")])
+    assert "val/f1" in cli.trainer.callback_metrics
+    from app.callbacks.factors import tall
+    from app.manifolds import stiefel
+
+    pattern = "stella_U" if method == "stella" else "lora_B"
+    factors = [p for n, p in cli.model.model.named_parameters() if pattern in n]
+    assert factors
+    assert max(float(stiefel.drift(tall(p.detach()))) for p in factors) < 1e-3
