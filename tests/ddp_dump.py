@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +77,7 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     """``lightning-cli ARGS`` with ``tests/`` on ``PYTHONPATH`` (for :class:`DumpAdapter`)."""
     exe = Path(sys.executable).parent / "lightning-cli"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app"]
-    here = str(Path(__file__).resolve().parent)
-    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    from tiny import subprocess_env
+
+    return subprocess.run([*cmd, *args], cwd=cwd, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)

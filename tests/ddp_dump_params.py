@@ -39,15 +39,14 @@ def run_cli_ddp(config: Path, cwd: Path, devices: int = 2, timeout: int = 300):
     ``tests/`` goes on ``PYTHONPATH`` so the subprocess (and DDP's re-launched ranks) can import
     this module's callback. Returns the ``subprocess.CompletedProcess``.
     """
-    import os
     import subprocess
     import sys
 
     exe = Path(sys.executable).parent / "lightning-cli"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app"]
-    here = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    from tiny import subprocess_env
+
+    env = subprocess_env()
     return subprocess.run(
         [*cmd, "fit", "--config", str(config), "--trainer.strategy", "ddp",
          "--trainer.devices", str(devices), "--trainer.accelerator", "cpu"],

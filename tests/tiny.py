@@ -167,3 +167,24 @@ def glue_run_config(ckpt: Path, data_dir: Path, root: Path, task: str = "rte",
 
 LORA = {"class_path": "peft.LoraConfig",
         "init_args": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}
+
+
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
+              "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: ``tests/`` importable, no distributed variables left
+    over from an in-process run, and a fresh free ``MASTER_PORT`` so concurrent DDP jobs on
+    one machine never share a rendezvous port."""
+    import os
+    import socket
+
+    here = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
+    env.update({"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra})
+    return env
