@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from app.atomic import atomic_folder
 from app.errors import ConfigError
 
 
@@ -70,9 +71,7 @@ def export_merged(adapter: Path, output: Path, base: str | None = None) -> Path:
         raise ConfigError(f"{adapter} has no config.json; is it an adapter folder of a run?")
     config = transformers.AutoConfig.from_pretrained(adapter)
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         adapter_config = adapter / "adapter_config.json"
         if adapter_config.is_file():
             source = base or json.loads(adapter_config.read_text())["base_model_name_or_path"]
@@ -84,11 +83,6 @@ def export_merged(adapter: Path, output: Path, base: str | None = None) -> Path:
         for name in os.listdir(adapter):
             if "token" in name or name in ("vocab.txt", "merges.txt", "preprocessor_config.json"):
                 shutil.copy2(adapter / name, tmp / name)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 

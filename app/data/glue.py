@@ -6,8 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +13,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
+from app.atomic import atomic_folder
 from app.data.glue_formats import get_task, local_split_files, read_glue_tsv
 from app.data.resumable import private_generator, run_seed, training_loader
 from app.errors import ConfigError
@@ -192,15 +191,8 @@ class GLUEDataModule(L.LightningDataModule):
         drop = [c for c in raw["train"].column_names if c not in ("label", "idx")]
         tokenized = raw.map(tokenize, batched=True, remove_columns=drop)
         tokenized = tokenized.rename_column("label", "labels")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic_folder(target, replace=False) as tmp:
             tokenized.save_to_disk(str(tmp))
-            os.replace(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not target.is_dir():
-                raise
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenised splits from the cache."""

@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +27,7 @@ from datasets import Dataset, load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from app.atomic import atomic_folder
 from app.data.glue import default_cache_dir
 from app.data.qa_features import prepare_eval_features, prepare_train_features
 from app.data.qa_formats import QAExample, from_hf, load_hotpotqa, load_squad
@@ -228,14 +227,9 @@ class QADataModule(L.LightningDataModule):
         for key in ("context", "answers", "answer_starts", "is_impossible", "answer_type"):
             eval_features[key] = [getattr(by_id[i], key) for i in eval_features["example_id"]]
         eval_features.pop("cls_index", None)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic_folder(target, replace=False) as tmp:
             Dataset.from_dict(train_features).save_to_disk(str(tmp / "train"))
             Dataset.from_dict(eval_features).save_to_disk(str(tmp / "eval"))
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         log.info("%s: %d training windows from %d questions, %d evaluation windows from %d",
                  self.task_name, len(train_features["input_ids"]), len(train), n,
                  len(evaluation))

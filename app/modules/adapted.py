@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from app.adapters import (
     check_adapter,
     head_module_names,
 )
+from app.atomic import atomic_folder
 from app.errors import ConfigError
 from app.hub import load_pretrained, resolve_checkpoint
 from app.optim.compat import check_optimizer_adapter, check_optimizer_strategy
@@ -322,16 +322,9 @@ class AdaptedModule(L.LightningModule):
         """
         assert self.model is not None
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic_folder(target) as tmp:
             self._write_export(tmp)
             self._save_tokenizer(tmp, tokenizer_source)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def save_adapter_from_state_dict(self, directory: str | os.PathLike,
