@@ -14,11 +14,12 @@
 #
 # Budgets (fixed optimizer steps, batch 32, max_length 128, full dev sets, validation twice
 # per run so that best and final differ, every fragment's own learning rate and schedule):
-#   CPU (2 cores): 40 steps (1,280 training pairs: 0.35 epoch of MRPC, 0.22 of STS-B),
-#       validation at steps 20 and 40. ~2.5-4.5 s per step on 2 cores plus start-up and
-#       validation: ~4-5 h for 11 methods x 3 seeds x 2 tasks (run one task at a time with
-#       TASKS=mrpc). This budget compares cost (time, memory, optimizer state, adapter size)
-#       exactly and quality only in the first steps of training.
+#   CPU (2 cores): 100 steps (3,200 training pairs: 0.87 epoch of MRPC, 0.56 of STS-B),
+#       validation at steps 50 and 100. ~0.6 s per LoRA step on 2 quiet cores (batches are
+#       padded to their longest pair, not to 128), ~0.9 s for full fine-tuning and GaLore,
+#       plus ~10 s start-up and validation: ~1.7 h for 11 methods x 3 seeds x 2 tasks. This
+#       budget compares cost (time, memory, optimizer state, adapter size) exactly and quality
+#       after one short epoch, not at convergence (use --gpu for that).
 #   GPU: 10 epochs (MRPC 1,150 steps, STS-B 1,800), validation every epoch, bf16-mixed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +46,10 @@ warm=(--warmup-steps 5)
 case "$MODE" in
   cpu)
     OUT=bench/results/compare_glue
-    steps=([mrpc]=40 [stsb]=40); val=([mrpc]=20 [stsb]=20)
+    steps=([mrpc]=100 [stsb]=100); val=([mrpc]=50 [stsb]=50)
     device=(--accelerator cpu --devices 1)
     extra=()
-    note="CPU budget: 40 optimizer steps, batch 32, max_length 128, validation at steps 20 and 40 on the full dev set."
+    note="CPU budget: 100 optimizer steps, batch 32, max_length 128, validation at steps 50 and 100 on the full dev set."
     ;;
   gpu)
     OUT=bench/results/compare_glue_gpu

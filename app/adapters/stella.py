@@ -34,27 +34,9 @@ from app.adapters import AdapterConfig
 from app.errors import ConfigError
 from app.manifolds.stiefel import random_orthonormal
 
-__all__ = ["StellaConfig", "StellaLinear", "default_target_modules"]
+__all__ = ["StellaConfig", "StellaLinear"]
 
 _OPTION = "model.init_args.adapter.init_args"
-#: Defaults for model types PEFT's table lacks (ViT's attention in transformers 5.x).
-_EXTRA_DEFAULT_TARGETS: dict[str, list[str]] = {"vit": ["q_proj", "v_proj"]}
-
-
-def default_target_modules(model_type: str | None) -> list[str] | None:
-    """PEFT's default LoRA targets for a transformers ``model_type`` (``None`` if unknown).
-
-    Uses ``peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, plus
-    ``vit -> [q_proj, v_proj]`` (the attention names of ViT in transformers 5.x).
-    """
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    if model_type is None:
-        return None
-    found = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-    if found is None:
-        found = _EXTRA_DEFAULT_TARGETS.get(model_type)
-    return list(found) if found is not None else None
 
 
 def _matches(name: str, target: str) -> bool:
@@ -234,11 +216,14 @@ class StellaConfig(AdapterConfig):
         return self.target_modules
 
     def resolve_targets(self, model: nn.Module) -> list[str]:
-        """``target_modules`` or PEFT's default for ``model.config.model_type``."""
+        """``target_modules``, else PEFT's default for ``model.config.model_type``, else the
+        model's query / value projections (:mod:`app.adapters.targets`)."""
+        from app.adapters.targets import default_query_value_targets, peft_default_targets
+
         if self.target_modules is not None:
             return list(self.target_modules)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        found = default_target_modules(model_type)
+        found = peft_default_targets(model_type) or default_query_value_targets(model)
         if found is None:
             raise ConfigError(f"{_OPTION}.target_modules is null but PEFT has no default "
                               f"targets for model type {model_type!r}; list the modules")

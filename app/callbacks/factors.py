@@ -126,6 +126,31 @@ def check_no_weight_decay(trainer: L.Trainer, factors: Sequence[tuple[str, Tenso
                     "or set model.init_args.optimizer weight_decay: 0")
 
 
+def check_fit_setup(trainer: L.Trainer, pl_module: L.LightningModule, owner: str,
+                    config_cls: type, hint: str = "") -> object | None:
+    """The start-up checks every geometry callback runs in ``setup("fit")``.
+
+    Refuses a sharding strategy (:func:`check_strategy`), a precision without fp32 master
+    weights (:func:`check_precision`) and, for modules with an ``adapter`` attribute, an
+    adapter that is not a ``config_cls`` (the callback would constrain factors that do not
+    exist or mean something else).
+
+    Returns:
+        The module's adapter config (``None`` for modules without one).
+    """
+    check_strategy(trainer, owner)
+    check_precision(trainer, owner)
+    if not hasattr(pl_module, "adapter"):
+        return None
+    adapter = pl_module.adapter
+    if not isinstance(adapter, config_cls):
+        got = type(adapter).__name__ if adapter is not None else "none (full FT)"
+        raise ConfigError(
+            f"{owner} needs model.init_args.adapter class_path "
+            f"{config_cls.__module__}.{config_cls.__qualname__}{hint}, got {got}")
+    return adapter
+
+
 def hidden_size_of(pl_module: L.LightningModule) -> int | None:
     """``hidden_size`` of the module's Hugging Face config (``pl_module.model.config``)."""
     config = getattr(getattr(pl_module, "model", None), "config", None)

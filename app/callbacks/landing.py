@@ -51,9 +51,8 @@ from torch import Tensor
 
 from app.callbacks.factors import (
     check_factor_dtypes,
+    check_fit_setup,
     check_no_weight_decay,
-    check_precision,
-    check_strategy,
     optimizers_holding,
     select_factors,
     tall,
@@ -130,22 +129,15 @@ class LandingCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "LandingCallback")
-        check_precision(trainer, "LandingCallback")
-        if hasattr(pl_module, "adapter"):
-            from app.adapters.manifold_lora import ManifoldLoraConfig
+        from app.adapters.manifold_lora import ManifoldLoraConfig
 
-            adapter = pl_module.adapter
-            if not isinstance(adapter, ManifoldLoraConfig):
-                raise ConfigError(
-                    "LandingCallback needs model.init_args.adapter class_path "
-                    "app.adapters.manifold_lora.ManifoldLoraConfig (B orthonormal, A = 0), got "
-                    f"{type(adapter).__name__ if adapter is not None else 'none (full FT)'}")
-            if adapter.manifold != self.manifold:
-                raise ConfigError(
-                    f"LandingCallback manifold={self.manifold!r} but the adapter's "
-                    f"model.init_args.adapter.init_args.manifold={adapter.manifold!r}; "
-                    "set both to the same value")
+        adapter = check_fit_setup(trainer, pl_module, "LandingCallback", ManifoldLoraConfig,
+                                  " (B orthonormal, A = 0)")
+        if adapter is not None and adapter.manifold != self.manifold:
+            raise ConfigError(
+                f"LandingCallback manifold={self.manifold!r} but the adapter's "
+                f"model.init_args.adapter.init_args.manifold={adapter.manifold!r}; "
+                "set both to the same value")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._factors = self._select(pl_module)

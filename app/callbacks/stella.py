@@ -38,9 +38,8 @@ from torch import Tensor
 
 from app.callbacks.factors import (
     check_factor_dtypes,
+    check_fit_setup,
     check_no_weight_decay,
-    check_precision,
-    check_strategy,
     hidden_size_of,
     optimizers_holding,
     select_factors,
@@ -95,17 +94,9 @@ class StellaCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "StellaCallback")
-        check_precision(trainer, "StellaCallback")
-        if hasattr(pl_module, "adapter"):
-            from app.adapters.stella import StellaConfig
+        from app.adapters.stella import StellaConfig
 
-            adapter = pl_module.adapter
-            if not isinstance(adapter, StellaConfig):
-                raise ConfigError(
-                    "StellaCallback needs model.init_args.adapter class_path "
-                    "app.adapters.stella.StellaConfig, got "
-                    f"{type(adapter).__name__ if adapter is not None else 'none (full FT)'}")
+        check_fit_setup(trainer, pl_module, "StellaCallback", StellaConfig)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._factors = select_factors(pl_module, self.patterns, "StellaCallback",

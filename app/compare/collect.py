@@ -136,7 +136,8 @@ def collect_run(run_dir: Path, metric: str = "val/score", mode: str = "max",
     result["loss_curve"] = {"step": list(curve["step"]),
                             "loss": [_finite(v) for v in curve["loss"]]}
 
-    for key in ("time_per_step_s", "time_per_step_std_s", "timed_steps", "samples_per_s",
+    for key in ("time_per_step_s", "time_per_step_std_s", "time_per_step_median_s",
+                "timed_steps", "samples_per_s",
                 "warmup_steps", "device", "precision", "world_size", "global_step"):
         result[key] = timing.get(key)
 

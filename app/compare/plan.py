@@ -156,7 +156,7 @@ class RunSpec:
 def build_plan(base: Sequence[str | Path], methods: Sequence[str | Path], seeds: Sequence[int],
                ranks: Sequence[int] | None, extra: Sequence[str] = (),
                warmup_steps: int = 5) -> list[RunSpec]:
-    """Every method x rank x seed combination, method-major, then rank, then seed.
+    """Every method x rank x seed combination, seed-major, then method, then rank.
 
     Args:
         base: Data / model fragments shared by every run.
@@ -197,4 +197,7 @@ def build_plan(base: Sequence[str | Path], methods: Sequence[str | Path], seeds:
                     options=(*options, *extra), configs=configs,
                     needs_memory_monitor=not has_callback(merged, "MemoryMonitor"),
                     warmup_steps=warmup_steps))
-    return plan
+    # Seed-major order: a comparison stopped early has every method on the first seeds, and
+    # slow drifts of the machine's load spread over all methods instead of one.
+    seed_index = {seed: i for i, seed in enumerate(dict.fromkeys(seeds))}
+    return sorted(plan, key=lambda spec: seed_index[spec.seed])

@@ -131,8 +131,8 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
     files["plot_loss"] = _save(plt, fig, out / "loss.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(2 * width, 4.5))
-    _bars(axes[0], summary, [("time_per_step_s", "time/step")], scale=1e3)
-    axes[0].set_ylabel("ms per optimizer step")
+    _bars(axes[0], summary, [("time_per_step_median_s", "time/step")], scale=1e3)
+    axes[0].set_ylabel("ms per optimizer step (median of the run)")
     axes[0].set_title("time per step (after warm-up)")
     _bars(axes[1], summary, [("samples_per_s", "samples/s")])
     axes[1].set_ylabel("samples / s")

@@ -24,12 +24,13 @@ from app.compare.collect import metric_values
 __all__ = ["mean_std", "paired_differences", "summarize", "to_markdown", "write_report"]
 
 #: Per-run numbers summarised per method and rank, in table order.
-FIELDS = ("best", "final", "time_per_step_s", "samples_per_s", "peak_memory_bytes",
-          "optimizer_state_bytes", "trainable_params", "total_params", "adapter_bytes",
-          "drift_max", "wall_s")
+FIELDS = ("best", "final", "time_per_step_s", "time_per_step_median_s", "samples_per_s",
+          "peak_memory_bytes", "optimizer_state_bytes", "trainable_params", "total_params",
+          "adapter_bytes", "drift_max", "wall_s")
 
 CSV_COLUMNS = ("name", "method", "rank", "seed", "metric", "best", "best_step", "final",
-               "final_step", "time_per_step_s", "time_per_step_std_s", "timed_steps",
+               "final_step", "time_per_step_s", "time_per_step_std_s",
+               "time_per_step_median_s", "timed_steps",
                "samples_per_s", "peak_memory_bytes", "peak_memory_source",
                "optimizer_state_bytes", "trainable_params", "total_params", "adapter_bytes",
                "adapter_folder_bytes", "drift_max", "global_step", "device", "precision",
@@ -159,7 +160,7 @@ def to_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, An
                 metric: str, baseline: str) -> str:
     """The comparison table: one row per method and rank, mean ± std over seeds."""
     head = ["method", "rank", "n", f"{metric} best", f"{metric} final",
-            f"Δ best vs {baseline} (paired)", "time/step (ms)", "samples/s", "peak memory",
+            f"Δ best vs {baseline} (paired)", "time/step median (ms)", "samples/s", "peak memory",
             "optimizer state", "trainable params", "adapter size", "drift max"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary:
@@ -167,7 +168,7 @@ def to_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, An
         diff = "(baseline)" if row["method"] == baseline else _diff_cell(pairs)
         drift = row["drift_max"]
         cells = [row["method"], row["rank"], str(row["n"]), _pm(row["best"], ".4f"),
-                 _pm(row["final"], ".4f"), diff, _pm(row["time_per_step_s"], ".1f", 1e3),
+                 _pm(row["final"], ".4f"), diff, _pm(row["time_per_step_median_s"], ".1f", 1e3),
                  _pm(row["samples_per_s"], ".1f"), _bytes(row["peak_memory_bytes"]),
                  _bytes(row["optimizer_state_bytes"]), _params(row),
                  _bytes(row["adapter_bytes"]),
@@ -235,7 +236,8 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
     notes = (f"\nMean ± sample std (ddof=1) over seeds; `{metric}` "
              f"({'higher' if mode == 'max' else 'lower'} is better) at its best validation and "
              f"at the end. Δ: per-seed difference to `{baseline}` (same seeds, same rank or "
-             "its only rank), mean ± std. Time per optimizer step and samples/s after warm-up; "
+             "its only rank), mean ± std. Time per optimizer step: each run's median step after "
+             "warm-up (the mean is in the CSV); samples/s over the timed steps; "
              "peak memory is CUDA max allocated on GPU, process peak RSS on CPU; adapter size: "
              "the exported weight files (the whole model for full fine-tuning); drift max: the "
              "largest `manifold/drift_max` logged (geometry-aware methods only).\n")

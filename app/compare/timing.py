@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,7 +97,9 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def summary(self, world_size: int = 1) -> dict[str, Any]:
-        """Mean time per timed step (s), its spread and samples/s over all processes."""
+        """Mean and median time per timed step (s), its spread and samples/s over all
+        processes. The median is what comparison tables show: one slow step (a page fault,
+        another process taking the core) moves the mean but not the median."""
         seconds = [t for _, t, _ in self.step_times]
         samples = sum(n for _, _, n in self.step_times)
         total = sum(seconds)
@@ -105,6 +108,7 @@ class StepTimer(L.Callback):
         if len(seconds) > 1 and mean is not None:
             std = (sum((t - mean) ** 2 for t in seconds) / (len(seconds) - 1)) ** 0.5
         return {"time_per_step_s": mean, "time_per_step_std_s": std,
+                "time_per_step_median_s": statistics.median(seconds) if seconds else None,
                 "timed_steps": len(seconds),
                 "samples_per_s": samples * world_size / total if total > 0 else None}
 

@@ -28,6 +28,7 @@ from app.adapters import (
     check_adapter,
     head_module_names,
 )
+from app.adapters.targets import fill_default_targets
 from app.atomic import atomic_folder
 from app.errors import ConfigError
 from app.hub import load_pretrained, resolve_checkpoint
@@ -121,6 +122,7 @@ class AdaptedModule(L.LightningModule):
         self.hf_config = load_pretrained(self.config_class(), checkpoint, **self.config_kwargs())
         with torch.device("meta"):
             meta_model = self.model_class().from_config(self.hf_config)
+            fill_default_targets(meta_model, adapter)
             check_adapter(meta_model, adapter)
             check_optimizer_adapter(optimizer, adapter, meta_model)
 

@@ -13,7 +13,7 @@ from peft import PeftConfig
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForImageClassification
 
-from app.adapters import AdapterConfig, check_adapter, linear_module_names
+from app.adapters import AdapterConfig
 from app.errors import ConfigError
 from app.hub import load_pretrained
 from app.metrics.domains import GroupAccuracy
@@ -23,29 +23,6 @@ log = logging.getLogger(__name__)
 
 #: Domains (or test dataloaders) counted when the names are not linked (module used alone).
 MAX_DOMAINS = 16
-
-#: Leaf names of the query and value projections, tried in order when an adapter's
-#: ``target_modules`` is null and PEFT has no default for the model type. transformers 5.x
-#: names ViT's attention ``q_proj`` / ``v_proj``; PEFT 0.21's table has no ``vit`` entry.
-QUERY_VALUE_NAMES: tuple[tuple[str, str], ...] = (
-    ("q_proj", "v_proj"),
-    ("query", "value"),
-    ("query_proj", "value_proj"),
-)
-
-
-def default_query_value_targets(model: torch.nn.Module) -> list[str] | None:
-    """The query and value projection names of ``model`` (``None`` if none of the usual ones).
-
-    Args:
-        model: The base model (a meta-device copy is enough).
-    """
-    leaves = {name.rsplit(".", 1)[-1] for name in linear_module_names(model)}
-    for pair in QUERY_VALUE_NAMES:
-        if set(pair) <= leaves:
-            return list(pair)
-    return None
-
 
 class ImageClassifierFactory:
     """``AutoModelForImageClassification`` that always gets a head of the configured size.
@@ -72,8 +49,8 @@ class ImageClassificationModule(AdaptedModule):
 
     The classifier head is trained by every method (PEFT ``modules_to_save``). An adapter whose
     ``target_modules`` is null gets the query and value projections (``q_proj``, ``v_proj`` for
-    transformers 5.x ViT), the Asymmetry paper's vision setting, so every method fragment runs
-    unchanged.
+    transformers 5.x ViT; :func:`app.adapters.targets.fill_default_targets`), the Asymmetry
+    paper's vision setting, so every method fragment runs unchanged.
 
     Logged: ``train/loss``, ``train/lr``; ``val/loss``, ``val/acc`` (pooled hold-out of the
     training domains), ``val/acc/<domain>`` per training domain and ``val/score`` (=
@@ -129,34 +106,10 @@ class ImageClassificationModule(AdaptedModule):
         self.test_domains = list(dict.fromkeys(test_domains)) if test_domains else None
         super().__init__(checkpoint, adapter, optimizer, scheduler, loraplus_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self._fill_default_targets()
         # micro = plain accuracy (torchmetrics' default for multiclass is macro).
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_domain_acc = GroupAccuracy(len(self.domain_names or ()) or MAX_DOMAINS)
         self.test_acc = GroupAccuracy(len(self.test_domains or ()) or MAX_DOMAINS)
-
-    def _fill_default_targets(self) -> None:
-        """Give a null ``target_modules`` the query / value projections where PEFT has no
-        default for the model type (ViT in transformers 5.x)."""
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-        adapter = self.adapter
-        if adapter is None or getattr(adapter, "target_modules", ()) is not None:
-            return
-        if self.hf_config.model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-            return
-        with torch.device("meta"):
-            meta_model = self.model_class().from_config(self.hf_config)
-        targets = default_query_value_targets(meta_model)
-        if targets is None:
-            raise ConfigError(
-                "model.init_args.adapter.init_args.target_modules is null and "
-                f"{type(meta_model).__name__} has no query / value layers named "
-                f"{[list(p) for p in QUERY_VALUE_NAMES]}; set target_modules explicitly"
-            )
-        adapter.target_modules = targets
-        check_adapter(meta_model, adapter)
-        log.info("adapter target_modules null: using %s", targets)
 
     def model_class(self) -> Any:
         return ImageClassifierFactory
