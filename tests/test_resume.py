@@ -33,13 +33,24 @@ def trainable(cli) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
-def run(tmp: Path, ckpt: Path, glue_dir: Path, adapter: dict | None, *extra: str):
+#: How the checkpoint the run resumes from was written: after every training batch, or once
+#: per epoch after validation, or once per epoch at the end of training (what ModelCheckpoint
+#: does by default when validation runs once per epoch, as in the app's configs).
+SAVE = {"step": ("--checkpoint.every_n_train_steps", "1"),
+        "epoch-validation": ("--checkpoint.every_n_epochs", "1",
+                             "--checkpoint.save_on_train_epoch_end", "false"),
+        "epoch-train-end": ("--checkpoint.every_n_epochs", "1",
+                            "--checkpoint.save_on_train_epoch_end", "true")}
+
+
+def run(tmp: Path, ckpt: Path, glue_dir: Path, adapter: dict | None, *extra: str,
+        save: str = "step"):
     # 48 rows / batch 8 = 6 batches per epoch; 15 steps cross two epoch ends.
     cfg = glue_run_config(ckpt, glue_dir, tmp / "runs", adapter=adapter, max_steps=15,
                           val_check_interval=None, check_val_every_n_epoch=1)
     cfg["trainer"].pop("val_check_interval")
     path = write_yaml(tmp / "run.yaml", cfg)
-    return build_cli(["fit", "--config", str(path), "--checkpoint.every_n_train_steps", "1",
+    return build_cli(["fit", "--config", str(path), *SAVE[save],
                       "--checkpoint.monitor", "null", "--checkpoint.filename", "step{step}",
                       *extra])
 
@@ -70,6 +81,45 @@ def test_resume_equals_uninterrupted(adapter, stop: int, tiny_ckpt, glue_dir: Pa
     assert got.keys() == whole.keys()
     for name in whole:
         torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("save", ["epoch-validation", "epoch-train-end"])
+@pytest.mark.parametrize("stop", [6, 12], ids=["first-epoch", "second-epoch"])
+def test_resume_from_an_epoch_end_checkpoint(save: str, stop: int, tiny_ckpt, glue_dir: Path,
+                                             tmp_path: Path) -> None:
+    """Lightning restarts such a checkpoint by re-running the epoch's end, which counts the
+    epoch twice in the number it gives ``set_epoch``; the sampler must still replay the next
+    epoch's order (it reads ``trainer.current_epoch``), or the weights drift apart."""
+    ckpt = tiny_ckpt("bert")
+    whole = trainable(run(tmp_path / "a", ckpt, glue_dir, LORA_DROPOUT, save=save))
+    stopped = tmp_path / "b"
+    with pytest.raises(Crash):
+        run(stopped, ckpt, glue_dir, LORA_DROPOUT, "--trainer.callbacks+=test_resume.StopAtStep",
+            f"--trainer.callbacks.step={stop + 1}", save=save)
+    (saved,) = (next((stopped / "runs/lightning_logs").iterdir()) / "checkpoints").glob(
+        f"step{stop}*.ckpt")  # the checkpoint written at the end of the epoch
+    state = torch.load(saved, weights_only=True)
+    assert state["global_step"] == stop and state["epoch"] == stop // 6 - 1
+    resumed = run(stopped, ckpt, glue_dir, LORA_DROPOUT, "--ckpt_path", str(saved), save=save)
+    assert resumed.trainer.global_step == 15
+    got = trainable(resumed)
+    for name in whole:
+        torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
+
+
+def test_epoch_sampler_reads_the_epoch_from_the_trainer_when_iteration_starts() -> None:
+    epoch = {"now": 1}
+    sampler = EpochShuffleSampler(20, seed=3, epoch_fn=lambda: epoch["now"])
+    sampler.set_epoch(2)  # what Lightning passes after an epoch-end restart
+    plain = EpochShuffleSampler(20, seed=3)
+    orders = {}
+    for e in (1, 2):
+        plain.set_epoch(e)
+        orders[e] = list(plain)
+    assert orders[1] != orders[2]
+    assert list(sampler) == orders[1] and sampler.epoch == 1
+    epoch["now"] = 2
+    assert list(sampler) == orders[2]
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch() -> None:

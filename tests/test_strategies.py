@@ -277,6 +277,22 @@ def test_lora_ddp_two_ranks_identical(ddp_lora_run: Path) -> None:
     assert all(p0[n].abs().sum() > 0 for n in trainable if "lora_B" in n)  # B trained off zero
 
 
+def test_ddp_resume_from_an_epoch_end_checkpoint_is_exact(ddp_lora_run: Path, tiny_ckpt,
+                                                          glue_dir: Path, tmp_path: Path) -> None:
+    """Two ranks resumed from the checkpoint written at the end of epoch 0 (step 3) end with
+    the uninterrupted run's parameters on each rank, bit for bit: each rank's dropout state and
+    its shard of the epoch order are restored."""
+    (saved,) = (ddp_lora_run / "runs/lightning_logs").glob("*/checkpoints/step3*.ckpt")
+    config = _two_rank_config(tiny_ckpt("bert"), glue_dir, tmp_path, "ddp")
+    _run_two_ranks(config, "--ckpt_path", str(saved))
+    for rank in (0, 1):
+        whole = torch.load(ddp_lora_run / f"dump/rank{rank}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"dump/rank{rank}.pt", weights_only=True)
+        assert resumed["global_step"] == whole["global_step"] == 6
+        for name in whole["trainable"]:
+            assert torch.equal(resumed["params"][name], whole["params"][name]), (rank, name)
+
+
 @pytest.mark.slow
 def test_fsdp_two_ranks_match_ddp_export_and_restore(ddp_lora_run: Path, tiny_ckpt,
                                                      glue_dir: Path, tmp_path: Path) -> None:

@@ -33,10 +33,16 @@ class EpochShuffleSampler(DistributedSampler):
         shuffle: ``False`` keeps the natural order.
         num_replicas: Number of data-parallel ranks.
         rank: This process's rank.
+        epoch_fn: Where the epoch comes from when iteration starts (the DataModules pass
+            ``lambda: trainer.current_epoch``). ``None``: the last :meth:`set_epoch` value.
+            Lightning's ``set_epoch`` argument is ``epoch_progress.current.processed``, which
+            runs one ahead of ``trainer.current_epoch`` after a restart from a checkpoint
+            written at the end of an epoch (Lightning re-runs that epoch's end and counts it
+            again), so a resumed run would see the order of the epoch after the right one.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
-                 rank: int = 0) -> None:
+                 rank: int = 0, epoch_fn: Callable[[], int] | None = None) -> None:
         # DistributedSampler.__init__ would query torch.distributed; set its fields directly.
         self.size = size
         self.seed = seed
@@ -47,6 +53,7 @@ class EpochShuffleSampler(DistributedSampler):
         self.num_samples = math.ceil(size / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.epoch = 0
+        self.epoch_fn = epoch_fn
         self._skip: tuple[int, int] | None = None  # (epoch, samples)
 
     def set_epoch(self, epoch: int) -> None:
@@ -70,6 +77,8 @@ class EpochShuffleSampler(DistributedSampler):
         return padded[: self.total_size][self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
+        if self.epoch_fn is not None:
+            self.epoch = int(self.epoch_fn())
         start = 0
         if self._skip is not None:
             if self._skip[0] == self.epoch:
@@ -118,7 +127,9 @@ def training_loader(dataset: Any, batch_size: int, seed: int, trainer: Any = Non
     """
     replicas = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
     rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-    sampler = EpochShuffleSampler(len(dataset), seed, num_replicas=replicas, rank=rank)
+    epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
+    sampler = EpochShuffleSampler(len(dataset), seed, num_replicas=replicas, rank=rank,
+                                  epoch_fn=epoch_fn)
     loader = ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                  generator=private_generator(seed), **kwargs)
     if trainer is not None:
