@@ -1,11 +1,14 @@
-"""Test-only helpers of the geometry tests (StelLA, Manifold-LoRA, drift monitor).
+"""Test-only helpers for the multi-process and start-up tests.
 
-- :class:`DumpAdapter`: a callback that saves each rank's trainable parameters at the end of
-  ``fit``; the DDP tests load it in the real ``lightning-cli`` subprocess (``tests/`` is put on
-  ``PYTHONPATH``) and compare the ranks.
+- :class:`DumpParams`: a callback that saves each rank's parameters at the end of ``fit``; the
+  DDP tests load it in the real ``lightning-cli`` subprocess (``tests/`` is put on
+  ``PYTHONPATH``, ``class_path: ddp_dump.DumpParams``) and compare the ranks.
+- :func:`run_cli`: the real command line in a subprocess.
+- :func:`run_two_ranks`: a fit config run as a two-process CPU DDP job; returns both ranks'
+  dumps after checking they hold identical parameters.
 - :func:`fit_tiny`: the real ``ClassificationModule`` and ``GLUEDataModule`` on a tiny model
   and the small GLUE files, trained in-process by a plain ``Trainer``.
-- :func:`run_cli`: the real command line in a subprocess.
+- :func:`fails_before_training`: a start-up check refuses before the first step.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 
 
-class DumpAdapter(L.Callback):
-    """Save ``{name: tensor}`` of the trainable parameters to ``dirpath/rank{r}.pt`` at fit end.
+class DumpParams(L.Callback):
+    """Write ``rank<global_rank>.pt``: ``{"params": {name: tensor}, "trainable": [names],
+    "global_step", "world_size"}`` at the end of ``fit``.
 
     Args:
         dirpath: Output folder (created).
@@ -31,13 +36,52 @@ class DumpAdapter(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()
-                 if p.requires_grad}
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": state, "global_step": trainer.global_step,
+        named = list(pl_module.named_parameters())
+        torch.save({"params": {n: p.detach().cpu().clone() for n, p in named},
+                    "trainable": [n for n, p in named if p.requires_grad],
+                    "global_step": trainer.global_step,
                     "world_size": trainer.world_size},
                    folder / f"rank{trainer.global_rank}.pt")
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``lightning-cli ARGS`` with ``tests/`` on ``PYTHONPATH`` (for :class:`DumpParams`), a
+    clean distributed environment and a free ``MASTER_PORT``."""
+    exe = Path(sys.executable).parent / "lightning-cli"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app"]
+    from tiny import subprocess_env
+
+    return subprocess.run([*cmd, *args], cwd=cwd, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_two_ranks(config: dict, root: Path, steps: int, *extra: str,
+                  strategy: str = "ddp") -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """Fit ``config`` as a two-process CPU job and return ``(rank0, rank1, process)``.
+
+    Adds :class:`DumpParams` to the callbacks, writes ``root/run.yaml`` and checks that the run
+    succeeded, both ranks made ``steps`` optimizer steps in a world of 2, and every parameter
+    is identical on the two ranks.
+    """
+    from tiny import write_yaml
+
+    config.setdefault("trainer", {}).setdefault("callbacks", [])
+    config["trainer"]["callbacks"].append({"class_path": "ddp_dump.DumpParams",
+                                           "init_args": {"dirpath": str(root / "dump")}})
+    path = write_yaml(root / "run.yaml", config)
+    proc = run_cli("fit", "--config", str(path), "--trainer.strategy", strategy,
+                   "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra,
+                   cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(root / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["global_step"] == rank1["global_step"] == steps
+    assert rank0["params"].keys() == rank1["params"].keys()
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    return rank0, rank1, proc
 
 
 def fit_tiny(ckpt: Path, data_dir: Path, root: Path, adapter: Any, callbacks: list,
@@ -73,11 +117,16 @@ def fit_tiny(ckpt: Path, data_dir: Path, root: Path, adapter: Any, callbacks: li
     return trainer, module
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``lightning-cli ARGS`` with ``tests/`` on ``PYTHONPATH`` (for :class:`DumpAdapter`)."""
-    exe = Path(sys.executable).parent / "lightning-cli"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app"]
-    from tiny import subprocess_env
+def fails_before_training(ckpt: Path, glue_dir: Path, tmp_path: Path, adapter: Any,
+                          callbacks: list, match: str, **trainer_kwargs: Any) -> None:
+    """``fit`` raises ``ConfigError`` matching ``match`` before the first optimizer step."""
+    from app.data.glue import GLUEDataModule
+    from app.errors import ConfigError
 
-    return subprocess.run([*cmd, *args], cwd=cwd, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    trainer, module = fit_tiny(ckpt, glue_dir, tmp_path, adapter, callbacks, max_steps=2,
+                               fit=False, **trainer_kwargs)
+    data = GLUEDataModule(task="rte", data_dir=str(glue_dir), checkpoint=str(ckpt),
+                          max_length=32, batch_size=8)
+    with pytest.raises(ConfigError, match=match):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0

@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from ddp_dump import fit_tiny, run_cli
-from tiny import glue_run_config, tiny_config, write_yaml
+from ddp_dump import fails_before_training, fit_tiny, run_two_ranks
+from tiny import glue_run_config, tiny_config
 
 from app.adapters.manifold_lora import ManifoldLoraConfig
 from app.callbacks.drift_monitor import OrthogonalityDrift
@@ -246,53 +246,30 @@ def test_ddp_ranks_end_with_identical_factors(tiny_ckpt, glue_dir: Path, tmp_pat
                              adapter={"class_path": "app.adapters.manifold_lora."
                                                     "ManifoldLoraConfig",
                                       "init_args": {"r": 4, "lora_alpha": 8}})
-    config["trainer"]["callbacks"] = [
-        {"class_path": "app.callbacks.landing.LandingCallback",
-         "init_args": {"balance_a_lr": True}},
-        {"class_path": "ddp_dump.DumpAdapter", "init_args": {"dirpath": str(tmp_path / "dump")}},
-    ]
+    config["trainer"]["callbacks"] = [{"class_path": "app.callbacks.landing.LandingCallback",
+                                       "init_args": {"balance_a_lr": True}}]
     config["trainer"]["limit_val_batches"] = 0
     config["save_adapter"] = {"enabled": False}
-    cfg = write_yaml(tmp_path / "run.yaml", config)
-    proc = run_cli("fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-                   "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
-    assert rank0["world_size"] == 2 and rank0["global_step"] == rank1["global_step"] == 4
-    assert any("lora_B" in k for k in rank0["state"])
-    for name, value in rank0["state"].items():
-        assert torch.equal(value, rank1["state"][name]), name
+    rank0, _, _ = run_two_ranks(config, tmp_path, steps=4)  # identical on both ranks
+    assert sum("lora_B" in n for n in rank0["trainable"]) == 4
 
 
 # -- start-up errors -----------------------------------------------------------------------------
-def _fails_before_training(ckpt: Path, glue_dir: Path, tmp_path: Path, adapter, callbacks,
-                           match: str, **trainer_kwargs) -> None:
-    from app.data.glue import GLUEDataModule
-
-    trainer, module = fit_tiny(ckpt, glue_dir, tmp_path, adapter, callbacks, max_steps=2,
-                               fit=False, **trainer_kwargs)
-    data = GLUEDataModule(task="rte", data_dir=str(glue_dir), checkpoint=str(ckpt),
-                          max_length=32, batch_size=8)
-    with pytest.raises(ConfigError, match=match):
-        trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 0
-
-
 def test_startup_errors(tiny_ckpt, glue_dir: Path, tmp_path: Path,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import LoraConfig
 
     ckpt = tiny_ckpt("bert")
-    _fails_before_training(ckpt, glue_dir, tmp_path, _adapter("sphere"), [LandingCallback()],
+    fails_before_training(ckpt, glue_dir, tmp_path, _adapter("sphere"), [LandingCallback()],
                            r"LandingCallback manifold='stiefel' but the adapter's model\."
                            r"init_args\.adapter\.init_args\.manifold='sphere'")
-    _fails_before_training(ckpt, glue_dir, tmp_path, LoraConfig(r=4), [LandingCallback()],
+    fails_before_training(ckpt, glue_dir, tmp_path, LoraConfig(r=4), [LandingCallback()],
                            "LandingCallback needs model.init_args.adapter class_path "
                            "app.adapters.manifold_lora.ManifoldLoraConfig")
-    _fails_before_training(ckpt, glue_dir, tmp_path, _adapter(),
+    fails_before_training(ckpt, glue_dir, tmp_path, _adapter(),
                            [LandingCallback(patterns=["lora_X"], a_patterns=["lora_A"])],
                            r"no trainable parameter matches LandingCallback patterns")
-    _fails_before_training(ckpt, glue_dir, tmp_path, _adapter(), [LandingCallback()],
+    fails_before_training(ckpt, glue_dir, tmp_path, _adapter(), [LandingCallback()],
                            r"trainer.precision='bf16-true'", precision="bf16-true")
     fake = types.SimpleNamespace(strategy=__import__(
         "lightning.pytorch.strategies", fromlist=["FSDPStrategy"]).FSDPStrategy(),
@@ -300,7 +277,7 @@ def test_startup_errors(tiny_ckpt, glue_dir: Path, tmp_path: Path,
     with pytest.raises(ConfigError, match="does not support trainer.strategy=FSDPStrategy"):
         LandingCallback().setup(fake, types.SimpleNamespace(), "fit")
     monkeypatch.setattr(ManifoldLoraConfig, "no_decay_patterns", ())
-    _fails_before_training(ckpt, glue_dir, tmp_path, _adapter(), [LandingCallback()],
+    fails_before_training(ckpt, glue_dir, tmp_path, _adapter(), [LandingCallback()],
                            r"applies weight_decay=0.01 to constrained factor .*lora_B")
 
 

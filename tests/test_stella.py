@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from ddp_dump import fit_tiny, run_cli
-from tiny import glue_run_config, tiny_config, write_yaml
+from ddp_dump import fails_before_training, fit_tiny, run_two_ranks
+from tiny import glue_run_config, tiny_config
 
 from app.adapters.stella import StellaConfig, StellaLinear
 from app.callbacks.factors import tall
@@ -298,23 +298,14 @@ def test_ddp_ranks_end_with_identical_factors(tiny_ckpt, glue_dir: Path, tmp_pat
     config = glue_run_config(tiny_ckpt("bert"), glue_dir, tmp_path / "runs",
                              adapter={"class_path": "app.adapters.stella.StellaConfig",
                                       "init_args": {"r": 4, "alpha": 8.0}}, max_steps=4)
-    config["trainer"]["callbacks"] = [
-        {"class_path": "app.callbacks.stella.StellaCallback"},
-        {"class_path": "ddp_dump.DumpAdapter", "init_args": {"dirpath": str(tmp_path / "dump")}},
-    ]
+    config["trainer"]["callbacks"] = [{"class_path": "app.callbacks.stella.StellaCallback"}]
     config["trainer"]["limit_val_batches"] = 0
     config["save_adapter"] = {"enabled": False}
-    cfg = write_yaml(tmp_path / "run.yaml", config)
-    proc = run_cli("fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-                   "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
-    assert rank0["world_size"] == 2 and rank0["global_step"] == rank1["global_step"] == 4
-    assert any("stella_U" in k for k in rank0["state"])
-    for name, value in rank0["state"].items():
-        assert torch.equal(value, rank1["state"][name]), name
-        if "stella_U" in name or "stella_V" in name:
-            assert float(stiefel.drift(tall(value))) < 1e-5
+    rank0, _, _ = run_two_ranks(config, tmp_path, steps=4)  # identical on both ranks
+    factors = [n for n in rank0["trainable"] if "stella_U" in n or "stella_V" in n]
+    assert len(factors) == 8
+    for name in factors:
+        assert float(stiefel.drift(tall(rank0["params"][name]))) < 1e-5
 
 
 # -- start-up errors ----------------------------------------------------------------------------
@@ -325,23 +316,14 @@ def _data(ckpt: Path, glue_dir: Path) -> L.LightningDataModule:
                           max_length=32, batch_size=8)
 
 
-def _fails_before_training(ckpt: Path, glue_dir: Path, tmp_path: Path, adapter, callbacks,
-                           match: str, **trainer_kwargs) -> None:
-    trainer, module = fit_tiny(ckpt, glue_dir, tmp_path, adapter, callbacks, max_steps=2,
-                               fit=False, **trainer_kwargs)
-    with pytest.raises(ConfigError, match=match):
-        trainer.fit(module, datamodule=_data(ckpt, glue_dir))
-    assert trainer.global_step == 0
-
-
 def test_error_when_the_adapter_is_not_stella(tiny_ckpt, glue_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig
 
     ckpt = tiny_ckpt("bert")
-    _fails_before_training(ckpt, glue_dir, tmp_path, LoraConfig(r=4, lora_alpha=8),
+    fails_before_training(ckpt, glue_dir, tmp_path, LoraConfig(r=4, lora_alpha=8),
                            [StellaCallback()], "StellaCallback needs model.init_args.adapter "
                            "class_path app.adapters.stella.StellaConfig, got LoraConfig")
-    _fails_before_training(ckpt, glue_dir, tmp_path, _stella(),
+    fails_before_training(ckpt, glue_dir, tmp_path, _stella(),
                            [StellaCallback(patterns=["stella_X"])],
                            r"no trainable parameter matches StellaCallback patterns=\['stella_X'\]")
 
@@ -349,7 +331,7 @@ def test_error_when_the_adapter_is_not_stella(tiny_ckpt, glue_dir: Path, tmp_pat
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_error_for_half_precision_weights(precision: str, tiny_ckpt, glue_dir: Path,
                                           tmp_path: Path) -> None:
-    _fails_before_training(tiny_ckpt("bert"), glue_dir, tmp_path, _stella(), [StellaCallback()],
+    fails_before_training(tiny_ckpt("bert"), glue_dir, tmp_path, _stella(), [StellaCallback()],
                            rf"trainer.precision='{precision}'; use trainer.precision=bf16-mixed",
                            precision=precision)
 
@@ -378,7 +360,7 @@ def test_error_for_fp16_amp_and_sharded_strategies() -> None:
 def test_error_when_the_factors_get_weight_decay(tiny_ckpt, glue_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StellaConfig, "no_decay_patterns", ())
-    _fails_before_training(tiny_ckpt("bert"), glue_dir, tmp_path, _stella(), [StellaCallback()],
+    fails_before_training(tiny_ckpt("bert"), glue_dir, tmp_path, _stella(), [StellaCallback()],
                            r"applies weight_decay=0.01 to constrained factor .*stella_")
 
 

@@ -236,7 +236,7 @@ def _two_rank_config(ckpt: Path, glue_dir: Path, root: Path, strategy: Any) -> P
                           limit_val_batches=0)
     cfg["model"]["init_args"].update(method["model"]["init_args"])
     cfg["trainer"].update(strategy=strategy, devices=2, accelerator="cpu")
-    cfg["trainer"]["callbacks"] = [{"class_path": "ddp_dump_params.DumpParams",
+    cfg["trainer"]["callbacks"] = [{"class_path": "ddp_dump.DumpParams",
                                     "init_args": {"dirpath": str(root / "dump")}}]
     cfg["checkpoint"] = {"every_n_epochs": 1, "save_on_train_epoch_end": True, "monitor": None,
                          "save_top_k": -1, "filename": "step{step}"}
