@@ -288,3 +288,20 @@ def test_batch_size_of_nested_batches() -> None:
     assert batch_size_of({"input_ids": torch.zeros(5, 7), "labels": torch.zeros(5)}) == 5
     assert batch_size_of((torch.zeros(3, 2), torch.zeros(3))) == 3
     assert batch_size_of({"meta": "x"}) == 0
+
+
+def test_loss_curves_of_many_methods_stay_distinct(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eleven methods (the standard comparison) get eleven different (colour, style) lines."""
+    from app.compare import plots
+
+    figures: dict[str, object] = {}
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, path: figures.setdefault(path.name, fig)
+                        and path)
+    methods = [f"m{i}" for i in range(11)]
+    results = [_run(m, 8, s, 0.5 + 0.01 * i) for i, m in enumerate(methods) for s in (0, 1)]
+    report.write_report(tmp_path, results, baseline="m0")
+    lines = figures["loss.png"].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [f"{m} r8" for m in methods]
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines}
+    assert len(styles) == 11

@@ -10,6 +10,9 @@ from typing import Any
 
 __all__ = ["draw_all", "mean_curve"]
 
+#: Line styles of the loss curves, one per block of ten methods (matplotlib has ten colours).
+LINESTYLES = ("-", "--", ":", "-.")
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -108,7 +111,7 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
 
     fig, ax = plt.subplots(figsize=(8, 5))
     longest = 1
-    for row in summary:
+    for index, row in enumerate(summary):
         runs = [r for r in results if r["method"] == row["method"]
                 and ("-" if r.get("rank") is None else str(r["rank"])) == row["rank"]]
         steps, means, stds = mean_curve(runs)
@@ -118,7 +121,9 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
         window = max(1, len(steps) // 50)
         mean = _smooth(means, window)
         std = _smooth(stds, window)
-        (line,) = ax.plot(steps, mean, label=_label(row))
+        # Ten colours, then the same colours dashed, dotted, ...: every method stays distinct.
+        (line,) = ax.plot(steps, mean, label=_label(row), color=f"C{index % 10}",
+                          linestyle=LINESTYLES[index // 10 % len(LINESTYLES)])
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
                         [m + s for m, s in zip(mean, std)], alpha=0.15,
                         color=line.get_color())
