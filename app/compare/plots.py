@@ -151,6 +151,11 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
     _bars(axes[1], summary, [("optimizer_state_bytes", "optimizer state")], scale=2**-20)
     axes[1].set_ylabel("MiB")
     axes[1].set_title("optimizer state")
+    states = [r["optimizer_state_bytes"]["mean"] for r in summary]
+    states = [v for v in states if v]
+    if states and max(states) > 100 * min(states):  # adapters (KiB) next to full FT (MiB)
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel("MiB (log scale)")
     files["plot_memory"] = _save(plt, fig, out / "memory.png")
     return files
 
