@@ -92,7 +92,7 @@ def test_two_methods_two_seeds_give_the_expected_table(grid, tiny_ckpt) -> None:
 
     with (out / "results.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert [r["name"] for r in table] == NAMES
+    assert [r["name"] for r in table] == [NAMES[0], NAMES[2], NAMES[1], NAMES[3]]  # run order
     assert json.loads((out / "results.json").read_text())["runs"][0]["name"] == NAMES[0]
 
     module = ClassificationModule(checkpoint=str(tiny_ckpt("bert")), task="mrpc", num_labels=2,
@@ -235,6 +235,20 @@ def _run(method: str, rank: int | None, seed: int, best: float, **more: float) -
             "trainable_params": 1000, "total_params": 100000, "adapter_bytes": 5000,
             "drift_max": more.get("drift"), "wall_s": 10.0,
             "loss_curve": {"step": [1, 2, 3], "loss": [1.0, 0.8 - seed * 0.01, 0.5]}}
+
+
+def test_report_only_rebuilds_the_report_with_the_command_that_makes_the_runs(grid) -> None:
+    out, args, _ = grid
+    stamps = {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in NAMES}
+    (out / "summary.md").unlink()
+    code, printed = compare("--report-only", *args)
+    assert code == 0 and ": running" not in printed and "4/4 runs finished" in printed
+    assert stamps == {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in NAMES}
+    text = (out / "summary.md").read_text()
+    assert "| lora | 2 | 2 |" in text and "| rslora | 2 | 2 |" in text
+    assert "Command: `python -m app.compare --in-process --base" in text
+    assert "--report-only" not in text.split("Command:")[1].split("`")[1]
+    assert "report rebuilt from the finished runs with --report-only" in text
 
 
 def test_statistics_match_a_hand_computation(tmp_path: Path) -> None:

@@ -130,10 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    command = shlex.join(["python", "-m", "app.compare", *(argv if argv is not None
-                                                           else sys.argv[1:])])
+    # The command that makes (and resumes) the runs; --report-only only rebuilds this report.
+    given = argv if argv is not None else sys.argv[1:]
+    command = shlex.join(["python", "-m", "app.compare",
+                          *(a for a in given if a != "--report-only")])
     meta = {"command": command, "machine": _machine(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "report_only": bool(args.report_only),
             "plan": {"base": list(args.base), "methods": [s.method for s in plan],
                      "seeds": args.seeds, "ranks": args.ranks,
                      "extra": [*passthrough, *args.extra], "warmup_steps": args.warmup_steps}}
@@ -158,5 +161,7 @@ def _header(meta: dict[str, Any], note: str) -> str:
             f"`{shlex.join(plan['extra'])}`; {plan['warmup_steps']} warm-up steps not timed")
     if note.strip():
         text += f"\n\n{note.strip()}"
+    date = meta["date"] + (" (report rebuilt from the finished runs with --report-only)"
+                           if meta.get("report_only") else "")
     return (text + f"\n\nCommand: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
-            f"Date: {meta['date']}\n")
+            f"Date: {date}\n")
