@@ -9,8 +9,10 @@
 # Environment overrides: TASKS="mrpc stsb", SEEDS="0 1 2", RANKS="8", METHODS="...",
 # DEVICES=N (GPU: N devices per run with DDP), EXTRA="more --trainer/--data arguments".
 # Rerunning the same command skips finished runs and resumes an interrupted one. Tables, CSV,
-# JSON and PNGs land in <out>/<task>/ (commit them); run folders in <out>/<task>/runs/ are
-# ignored by git (the `runs/` rule).
+# JSON and PNGs land in <out>/<task>/ (commit them). Of each run folder <out>/<task>/runs/<run>/
+# git keeps result.json, spec.json and config.yaml (.gitignore), so a fresh clone skips the runs
+# already recorded; checkpoints and logs stay local (an interrupted run resumes only where its
+# last.ckpt is).
 #
 # Budgets (fixed optimizer steps, batch, max_length 128 and full dev sets for every run; every
 # fragment's own learning rate and schedule; validation several times per run so that best and
