@@ -150,7 +150,8 @@ def test_export_reproduces_logits_with_peft(tiny_ckpt, tmp_path: Path) -> None:
     folder = module.save_adapter(tmp_path / "adapter")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
-    assert config["modules_to_save"] == ["classifier"] and (folder / "config.json").is_file()
+    assert config["modules_to_save"] == ["bert.pooler", "classifier"]
+    assert (folder / "config.json").is_file()
     base = AutoModelForSequenceClassification.from_pretrained(
         ckpt, config=AutoConfig.from_pretrained(folder))
     loaded = PeftModel.from_pretrained(base, folder).eval()
@@ -253,7 +254,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_ckpt, glue_dir: Path, tmp_path
                         max_steps=12, enable_checkpointing=True)
     path = tmp_path / "ckpts" / "step=6.ckpt"  # the end of the first epoch (6 batches)
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    assert saved["state_dict"] and all("stella_" in k or "classifier" in k
+    assert saved["state_dict"] and all("stella_" in k or "classifier" in k or ".pooler." in k
                                        for k in saved["state_dict"])
     assert saved["callbacks"]["StellaCallback"] == {"num_steps": 6}
     resumed_cb = StellaCallback()

@@ -36,15 +36,25 @@ class AdapterConfig:
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:
-    """Top-level children that are not the pretrained backbone: the task head.
+    """The task head, trained by every method: the top-level children that are not the
+    pretrained backbone, plus the backbone's ``pooler`` when it has one.
 
-    For ``BertForSequenceClassification`` this is ``["classifier"]``; for DeBERTa-v2
-    ``["pooler", "classifier"]``; for ``*ForQuestionAnswering`` ``["qa_outputs"]``.
-    Heads are trained by every method. Children without parameters (dropout) are skipped.
+    For ``BertForSequenceClassification`` this is ``["bert.pooler", "classifier"]``: the
+    classifier reads the pooler's ``tanh(dense(h_CLS))``, so the head of the papers' BERT /
+    RoBERTa / DeBERTa models (a trained dense layer before the output layer) is only trained
+    when the pooler is. RoBERTa's ``classifier`` already holds its dense layer (its backbone has
+    no pooler); DeBERTa-v2 keeps its ``pooler`` at the top level (``["pooler",
+    "classifier"]``); ``*ForQuestionAnswering`` models build their backbone without a pooler
+    (``["qa_outputs"]``). Children without parameters (dropout) are skipped.
     """
-    backbone = getattr(model, "base_model_prefix", "")
-    return [name for name, child in model.named_children()
-            if name != backbone and any(True for _ in child.parameters())]
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [name for name, child in model.named_children()
+             if name != prefix and any(True for _ in child.parameters())]
+    backbone = getattr(model, prefix, None) if prefix else None
+    pooler = getattr(backbone, "pooler", None) if isinstance(backbone, torch.nn.Module) else None
+    if isinstance(pooler, torch.nn.Module) and any(True for _ in pooler.parameters()):
+        heads.insert(0, f"{prefix}.pooler")
+    return heads
 
 
 def _matches(name: str, target: str) -> bool:
