@@ -19,8 +19,10 @@ because Lightning clips gradients after that hook. Lightning's automatic optimiz
 clipping) runs *inside* ``step``, after torch's step pre-hooks; a plain pre-hook would see the
 previous step's gradients (``None`` on the first step). So the pre-hook wraps the closure and the
 pre-step work runs right after it returns: once per real step, on the final clipped gradient.
-All math is fp32 under ``no_grad``, one batched call per group of same-shaped
-factors (:func:`app.manifolds.batching.apply_grouped`), written back in the parameter dtype.
+All math runs in the factors' dtype (fp32 master weights) under ``no_grad``, in Gram form
+(:mod:`app.manifolds.fused`): one pass over the factors for the ``r x r`` products, one batched
+``r x r`` computation, one pass writing the retracted factors straight into the parameters; the
+snapshot lives in buffers allocated once, so nothing ``n x r`` is stacked or copied per step.
 
 The start-up checks shared with the other geometry callbacks live in
 :mod:`app.callbacks.factors`.
@@ -47,8 +49,7 @@ from app.callbacks.factors import (
 )
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
-from app.manifolds import stiefel
-from app.manifolds.batching import apply_grouped
+from app.manifolds import fused
 
 
 class StellaCallback(L.Callback):
@@ -88,6 +89,7 @@ class StellaCallback(L.Callback):
         self._c: int | None = None
         self._active: list[torch.nn.Parameter] = []
         self._snapshot: list[Tensor] | None = None
+        self._buffers: dict[int, Tensor] = {}
         self._hooks = OptimizerStepHooks(self._pre_step, self._post_step)
 
     # -- start-up checks ------------------------------------------------------------------
@@ -122,6 +124,7 @@ class StellaCallback(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._hooks.detach()
         self._snapshot = None
+        self._buffers = {}
 
     def constrained_factors(self, pl_module: L.LightningModule) -> list[tuple[str, Tensor, str]]:
         """``(name, tall view n x r, "stiefel")`` for every factor (drift-monitor protocol)."""
@@ -133,32 +136,32 @@ class StellaCallback(L.Callback):
     def _pre_step(self) -> None:
         self._active = [p for _, p in self._factors if p.grad is not None]
         xs = [tall(p.detach()) for p in self._active]
-        grads = apply_grouped(stiefel.riemannian_grad, xs, [tall(p.grad) for p in self._active])
-        for p, g in zip(self._active, grads):
-            tall(p.grad).copy_(g)
-        self._snapshot = [x.to(stiefel.compute_dtype(x)).clone() for x in xs]
+        fused.riemannian_grad_(xs, [tall(p.grad) for p in self._active])
+        # persistent snapshot buffers (same layout as the parameter): no allocation per step
+        self._snapshot = []
+        for p in self._active:
+            buf = self._buffers.get(id(p))
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = self._buffers[id(p)] = torch.empty_like(p.detach())
+            buf.copy_(p.detach())
+            self._snapshot.append(tall(buf))
 
     @torch.no_grad()
     def _post_step(self) -> None:
         if self._snapshot is None:
             return
-        news = [tall(p.detach()).to(x.dtype) for p, x in zip(self._active, self._snapshot)]
-        outs = apply_grouped(self._retract, self._snapshot, news)
-        for p, x in zip(self._active, outs):
-            tall(p.data).copy_(x)
+        news = [tall(p.data) for p in self._active]
+        fused.retract_fused(self._snapshot, news, [self._scale(p) for p in self._active],
+                            self.retraction, outs=news)
         self._snapshot, self._active = None, []
         self.num_steps += 1
 
-    def _retract(self, x_old: Tensor, x_new: Tensor) -> Tensor:
-        """Batched update of one shape group: scale ``D``, project, retract."""
-        d = x_new - x_old
-        n = x_old.shape[-2]
-        if self._c is not None and n != self._c:
-            d = d / math.sqrt(n / self._c)
-        xi = stiefel.project_tangent(x_old, d)
-        if self.retraction == "exp":
-            return stiefel.retract_exp(x_old, xi)
-        return stiefel.retract_polar(x_old, xi)
+    def _scale(self, p: Tensor) -> float:
+        """StelLA's gradient scaling ``1 / sqrt(n / c)`` for a factor with ``n != c`` rows."""
+        n = max(p.shape)
+        if self._c is None or n == self._c:
+            return 1.0
+        return 1.0 / math.sqrt(n / self._c)
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
