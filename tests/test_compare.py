@@ -85,8 +85,11 @@ def test_two_methods_two_seeds_give_the_expected_table(grid, tiny_ckpt) -> None:
                            "Δ best vs lora (paired)"]
     assert {"time/step median (ms)", "samples/s", "peak memory", "optimizer state",
             "trainable params", "adapter size", "drift max"} <= set(columns)
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[head + 2:]
-            if line.startswith("|")]
+    table = lines[head + 2:lines.index("", head)]  # the main table, up to its blank line
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    # First the no-learning floor (majority class of the tiny MRPC train set), then the runs.
+    assert rows[0][0] == "*majority (no learning)*" and rows[0][3] == rows[0][4]
+    rows = rows[1:]
     assert [r[:3] for r in rows] == [["lora", "2", "2"], ["rslora", "2", "2"]]
     assert rows[0][5] == "(baseline)" and rows[1][5].endswith("(n=2)")
 
@@ -117,8 +120,10 @@ def test_two_methods_two_seeds_give_the_expected_table(grid, tiny_ckpt) -> None:
         assert r["optimizer_state_bytes"] >= 8 * expected_trainable
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_source"] == "rss"
         assert r["adapter_bytes"] > 0 and r["drift_max"] is None
-    for png in ("metric.png", "loss.png", "time.png", "memory.png"):
+    for png in ("metric.png", "loss.png", "time.png", "memory.png", "paired.png"):
         assert (out / png).read_bytes()[:8] == PNG
+    text = "\n".join(lines)
+    assert "## Paired differences to `lora`" in text and "| rslora | 2 | 2 |" in text
 
 
 def test_rerun_does_not_redo_finished_runs(grid) -> None:

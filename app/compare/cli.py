@@ -6,6 +6,10 @@
 
 Rerunning the same command skips finished runs and resumes an interrupted one. ``--extra``
 must come last: everything after it goes to every run.
+
+With ``--select-lr`` (or ``--lrs``) each method first runs once per rate of its grid on a
+held-out slice of the training set (:mod:`app.compare.select`, runs in ``OUT/selection/``),
+then every seed runs at the selected rate.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from app.compare.plan import build_plan
+from app.compare.plan import build_plan, load_fragments
 from app.compare.report import write_report
 from app.compare.runner import PlanMismatchError, finished_result, run_args, run_plan
+from app.compare.select import (
+    LR_OPTION,
+    apply_rates,
+    check_holdout_support,
+    method_grids,
+    select_rates,
+    selection_plan,
+)
 
 __all__ = ["main", "parser"]
 
@@ -53,6 +65,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", help="passed as --trainer.accelerator to every run")
     p.add_argument("--devices", help="passed as --trainer.devices (each run uses them all)")
     p.add_argument("--strategy", help="passed as --trainer.strategy (e.g. ddp, fsdp)")
+    p.add_argument("--select-lr", action="store_true",
+                   help="select each method's learning rate first: one run per rate of its "
+                        "grid (--lrs, else the fragment's '# lr_grid: [...]' line) on a "
+                        "held-out slice of the TRAINING set, then the seeds at the best rate")
+    p.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+                   help="learning-rate grid for every method (implies --select-lr)")
+    p.add_argument("--select-seed", type=int, default=None,
+                   help="seed of the selection runs (default: the first of --seeds)")
+    p.add_argument("--select-holdout", type=float, default=0.1, metavar="FRACTION",
+                   help="fraction of the training set held out for selection (default 0.1)")
+    p.add_argument("--select-holdout-seed", type=int, default=0,
+                   help="seed of the held-out slice (default 0)")
+    p.add_argument("--select-on", choices=("final", "best"), default="final",
+                   help="held-out score at the end of the run (default) or at its best "
+                        "validation point")
     p.add_argument("--note", default="", help="Markdown put above the table (budget, data)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
@@ -104,32 +131,80 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for arg in (f"--trainer.{key}", getattr(args, key))]
     if args.in_process and (args.devices not in (None, "1") or args.strategy):
         p.error("--in-process runs on one device: drop --devices / --strategy")
+    extra = [*passthrough, *args.extra]
+    method_paths = [_method_path(m) for m in args.methods]
+    selecting = args.select_lr or bool(args.lrs)
+    sel_plan: list = []
     try:
-        plan = build_plan(args.base, [_method_path(m) for m in args.methods], args.seeds,
-                          args.ranks, [*passthrough, *args.extra], args.warmup_steps)
+        plan = build_plan(args.base, method_paths, args.seeds, args.ranks, extra,
+                          args.warmup_steps)
+        if selecting:
+            if not 0.0 < args.select_holdout < 1.0:
+                raise ValueError(f"--select-holdout {args.select_holdout}: give a fraction "
+                                 "between 0 and 1, e.g. 0.1")
+            grids = method_grids(method_paths, args.lrs)
+            check_holdout_support(args.base)
+            seed = args.seeds[0] if args.select_seed is None else args.select_seed
+            sel_plan = selection_plan(
+                build_plan(args.base, method_paths, [seed], args.ranks, extra,
+                           args.warmup_steps),
+                grids, (args.select_holdout, args.select_holdout_seed))
     except ValueError as err:
         p.error(str(err))
     runs = args.out / "runs"
+    sel_runs = args.out / "selection" / "runs"
     if args.dry_run:
+        for spec in sel_plan:
+            cmd = [sys.executable, "-m", "app", *run_args(spec, sel_runs / spec.name)]
+            print(f"selection {spec.name}: {shlex.join(cmd)}")
         for spec in plan:
             cmd = [sys.executable, "-m", "app", *run_args(spec, runs / spec.name)]
+            if selecting:
+                cmd += [LR_OPTION, "<selected>"]
             print(f"{spec.name}: {shlex.join(cmd)}")
         return 0
+    chosen: list = []
+    failed: list = []
+    missing: list = []
     try:
+        if selecting:
+            if args.report_only:
+                sel_results = _finished(sel_plan, sel_runs, failed, "selection/")
+            else:
+                sel_outcome = run_plan(sel_plan, args.out / "selection", metric=args.metric,
+                                       mode=args.mode, in_process=args.in_process)
+                sel_results = sel_outcome.results
+                failed += [(f"selection/{n}", m) for n, m in sel_outcome.failed]
+            chosen = select_rates(sel_plan, sel_results, metric=args.metric, mode=args.mode,
+                                  select_on=args.select_on)
+            plan, missing = apply_rates(plan, chosen)
+            failed += [(spec.name, "no learning rate selected (no selection run finished)")
+                       for spec in missing]
         if args.report_only:
-            found = {spec.name: finished_result(spec, runs / spec.name) for spec in plan}
-            results = [r for r in found.values() if r]
-            failed = [(name, "not finished") for name, r in found.items() if not r]
+            results = _finished(plan, runs, failed)
         else:
             outcome = run_plan(plan, args.out, metric=args.metric, mode=args.mode,
                                in_process=args.in_process)
-            results, failed = outcome.results, outcome.failed
+            results = outcome.results
+            failed += outcome.failed
     except PlanMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    reference = holdout_reference = None
+    try:  # the no-learning floor; never a reason to lose the report
+        base_config = load_fragments(args.base)
+        from app.compare.reference import chance_reference
+
+        reference = chance_reference(base_config)
+        if selecting:
+            holdout_reference = chance_reference(
+                base_config, holdout=(args.select_holdout, args.select_holdout_seed))
+    except Exception as err:  # noqa: BLE001
+        print(f"note: no majority-class reference ({type(err).__name__}: {err})",
+              file=sys.stderr)
     # The command that makes (and resumes) the runs; --report-only only rebuilds this report.
     given = argv if argv is not None else sys.argv[1:]
     command = shlex.join(["python", "-m", "app.compare",
@@ -137,18 +212,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"command": command, "machine": _machine(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "report_only": bool(args.report_only),
-            "plan": {"base": list(args.base), "methods": [s.method for s in plan],
+            "plan": {"base": list(args.base),
+                     "methods": list(dict.fromkeys(Path(m).stem for m in method_paths)),
                      "seeds": args.seeds, "ranks": args.ranks,
-                     "extra": [*passthrough, *args.extra], "warmup_steps": args.warmup_steps}}
+                     "extra": extra, "warmup_steps": args.warmup_steps}}
+    if selecting:
+        meta["plan"]["selection"] = {
+            "seed": sel_plan[0].seed if sel_plan else None,
+            "holdout_fraction": args.select_holdout,
+            "holdout_seed": args.select_holdout_seed, "select_on": args.select_on,
+            "lrs": args.lrs}
     files = write_report(args.out, results, metric=args.metric, mode=args.mode,
                          baseline=args.baseline, header=_header(meta, args.note), meta=meta,
-                         failed=failed, plots=not args.no_plots)
-    print(f"{len(results)}/{len(plan)} runs finished; report: "
+                         failed=failed, plots=not args.no_plots, selection=chosen,
+                         reference=reference, holdout_reference=holdout_reference)
+    print(f"{len(results)}/{len(plan) + len(missing)} runs finished; report: "
           + ", ".join(str(path) for path in files.values()))
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(n for n, _ in failed),
               file=sys.stderr)
     return 1 if failed and not args.report_only else 0
+
+
+def _finished(plan: list, runs: Path, failed: list, prefix: str = "") -> list:
+    """Results of the plan's finished runs (``--report-only``); the others go to ``failed``
+    (a run finished with other settings, e.g. at a rate the selection no longer picks, too)."""
+    results = []
+    for spec in plan:
+        try:
+            result = finished_result(spec, runs / spec.name)
+        except PlanMismatchError:
+            failed.append((prefix + spec.name, "finished with other settings (not reported)"))
+            continue
+        if result:
+            results.append(result)
+        else:
+            failed.append((prefix + spec.name, "not finished"))
+    return results
 
 
 def _header(meta: dict[str, Any], note: str) -> str:

@@ -120,6 +120,9 @@ class RunSpec:
         configs: Every ``--config`` of the run, base fragments first.
         needs_memory_monitor: The configs do not add a MemoryMonitor themselves.
         warmup_steps: Optimizer steps the StepTimer does not time.
+        lr: The learning rate this run sets (``options`` hold it), ``None``: the fragment's.
+        stage: ``"final"`` (a reported run) or ``"select"`` (a learning-rate selection run on
+            the held-out slice of the training set; its name carries the rate).
     """
 
     method: str
@@ -130,12 +133,16 @@ class RunSpec:
     configs: tuple[Path, ...]
     needs_memory_monitor: bool = True
     warmup_steps: int = 5
+    lr: float | None = None
+    stage: str = "final"
 
     @property
     def name(self) -> str:
-        """Folder name: ``<method>-r<rank>-s<seed>`` (``<method>-s<seed>`` without a rank)."""
+        """Folder name: ``<method>-r<rank>-s<seed>`` (``<method>-s<seed>`` without a rank);
+        selection runs ``<method>-r<rank>-lr<lr>-s<seed>``."""
         rank = "" if self.rank is None else f"-r{self.rank}"
-        return f"{self.method}{rank}-s{self.seed}"
+        lr = f"-lr{self.lr:g}" if self.stage == "select" and self.lr is not None else ""
+        return f"{self.method}{rank}{lr}-s{self.seed}"
 
     @property
     def rank_label(self) -> str:
@@ -144,9 +151,12 @@ class RunSpec:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes two runs the same run: config contents, rank, seed, options, warm-up."""
-        return {"configs": [_digest(p) for p in self.configs], "method": self.method,
-                "rank": self.rank, "seed": self.seed, "options": list(self.options),
-                "warmup_steps": self.warmup_steps}
+        out = {"configs": [_digest(p) for p in self.configs], "method": self.method,
+               "rank": self.rank, "seed": self.seed, "options": list(self.options),
+               "warmup_steps": self.warmup_steps}
+        if self.lr is not None or self.stage != "final":  # runs recorded before: unchanged
+            out.update(lr=self.lr, stage=self.stage)
+        return out
 
     def fingerprint_key(self) -> str:
         """The fingerprint as a stable string."""

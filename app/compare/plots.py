@@ -1,5 +1,7 @@
 """PNG plots of a comparison (matplotlib, Agg backend): the metric per method with error bars,
-the training-loss curves (mean over seeds), time per step and memory per method."""
+the training-loss curves (mean over seeds), time per step and memory per method, the paired
+differences to the baseline with their 95% intervals and the learning-rate selection. Every
+plot of the metric (or of the loss) draws the no-learning reference as a dashed line."""
 
 from __future__ import annotations
 
@@ -92,9 +94,23 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _floor(ax: Any, value: float | None, label: str) -> None:
+    """The no-learning reference as a dashed horizontal line (labelled in the legend)."""
+    if value is not None:
+        ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=label)
+
+
+def _reference_score(reference: dict[str, Any] | None, metric: str) -> float | None:
+    return ((reference or {}).get("metrics") or {}).get(metric)
+
+
 def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
-             metric: str) -> dict[str, Path]:
-    """Write ``metric.png``, ``loss.png``, ``time.png`` and ``memory.png`` into ``out``.
+             metric: str, *, reference: dict[str, Any] | None = None,
+             paired: Sequence[dict[str, Any]] = (), baseline: str = "lora",
+             selection: Sequence[dict[str, Any]] = (),
+             holdout_reference: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``metric.png``, ``loss.png``, ``time.png``, ``memory.png`` and, when there are
+    paired differences / a selection, ``paired.png`` / ``selection.png`` into ``out``.
 
     Returns:
         ``{"plot_metric": path, ...}`` of the files written.
@@ -102,8 +118,11 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
     plt = _pyplot()
     files: dict[str, Path] = {}
     width = max(6.0, 0.6 * len(summary) + 2)
+    score = _reference_score(reference, metric)
+    kind = (reference or {}).get("kind", "")
 
     fig, ax = plt.subplots(figsize=(width, 4.5))
+    _floor(ax, score, f"{kind} (no learning): {score:.4f}" if score is not None else "")
     _points(ax, summary, [("best", "best"), ("final", "final")])
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per method (mean ± std over seeds)")
@@ -128,6 +147,8 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
                         [m + s for m, s in zip(mean, std)], alpha=0.15,
                         color=line.get_color())
     window = max(1, longest // 50)
+    prior = (reference or {}).get("train_loss")
+    _floor(ax, prior, f"predicting the label prior: {prior:.3f}" if prior is not None else "")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss" + (f" (moving average of {window})" if window > 1 else ""))
     ax.set_title("training loss, mean ± std over seeds")
@@ -157,6 +178,51 @@ def draw_all(out: Path, results: Sequence[dict[str, Any]], summary: Sequence[dic
         axes[1].set_yscale("log")
         axes[1].set_ylabel("MiB (log scale)")
     files["plot_memory"] = _save(plt, fig, out / "memory.png")
+
+    finals = [p for p in paired if p["field"] == "final" and p.get("mean") is not None]
+    if finals:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(finals) + 2), 4.5))
+        xs = list(range(len(finals)))
+        means = [p["mean"] for p in finals]
+        ci = [p.get("ci95") or {} for p in finals]
+        lows = [m - c["low"] if c.get("low") is not None else 0.0 for m, c in zip(means, ci)]
+        highs = [c["high"] - m if c.get("high") is not None else 0.0 for m, c in zip(means, ci)]
+        ax.errorbar(xs, means, yerr=[lows, highs], fmt="o", capsize=4,
+                    label="mean Δ final, 95% t-interval over seeds")
+        ax.axhline(0.0, color="k", linewidth=0.8)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(["no learning" if p["method"] == "(no learning)" else
+                            p["method"] if p["rank"] == "-" else f"{p['method']} r{p['rank']}"
+                            for p in finals], rotation=30, ha="right")
+        ax.set_ylabel(f"Δ {metric} vs {baseline} (paired)")
+        ax.set_title(f"paired difference to {baseline} at the end of the run")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+        files["plot_paired"] = _save(plt, fig, out / "paired.png")
+
+    if selection:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        held = _reference_score(holdout_reference, metric)
+        _floor(ax, held, f"no learning on the held-out slice: {held:.4f}"
+               if held is not None else "")
+        for index, c in enumerate(selection):
+            pts = [(lr, v) for lr, v in zip(c["grid"], c["scores"]) if v is not None]
+            if not pts:
+                continue
+            label = c["method"] if c["rank"] == "-" else f"{c['method']} r{c['rank']}"
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                              label=label, color=f"C{index % 10}",
+                              linestyle=LINESTYLES[index // 10 % len(LINESTYLES)])
+            if c["selected"] is not None:
+                ax.plot([c["selected"]], [c["score"]], marker="*", markersize=14,
+                        color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"held-out {metric} (selection seed)")
+        ax.set_title("learning-rate selection on a held-out slice of the training set (★ chosen)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        files["plot_selection"] = _save(plt, fig, out / "selection.png")
     return files
 
 

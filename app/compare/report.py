@@ -5,7 +5,9 @@ Statistics: mean and sample standard deviation (``ddof=1``; none for a single ru
 The paired difference of a method to the baseline is taken seed by seed over the seeds both
 finished, ``d_s = method_s - baseline_s``, and reported as the mean ± sample std of the
 ``d_s``; it compares with the baseline at the same rank, else the baseline's only rank; a
-method without a rank (full fine-tuning) against every rank of the baseline.
+method without a rank (full fine-tuning) against every rank of the baseline. Each paired
+difference also carries its 95% Student-t interval over seeds, the paired bootstrap interval
+(5 seeds or more) and whether the interval excludes zero (:mod:`app.compare.stats`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from app.compare.collect import metric_values
+from app.compare.stats import bootstrap_interval, separable, t_interval
+from app.compare.tables import paired_table, selection_table
 
 __all__ = ["mean_std", "paired_differences", "summarize", "to_markdown", "write_report"]
 
@@ -79,7 +83,8 @@ def summarize(results: Sequence[dict[str, Any]], metric: str = "val/score",
     rows = []
     for (method, label), runs in _groups(_with_metric(results, metric, mode)).items():
         row: dict[str, Any] = {"method": method, "rank": label, "n": len(runs),
-                               "seeds": [r["seed"] for r in runs]}
+                               "seeds": [r["seed"] for r in runs],
+                               "lr": sorted({r["lr"] for r in runs if r.get("lr") is not None})}
         for name in FIELDS:
             row[name] = mean_std(r.get(name) for r in runs)
         rows.append(row)
@@ -114,9 +119,38 @@ def paired_differences(results: Sequence[dict[str, Any]], baseline: str,
             seeds = sorted(s for s in values if s in base[target]
                            and values[s] is not None and base[target][s] is not None)
             diffs = [values[s] - base[target][s] for s in seeds]
-            out.append({"method": method, "rank": label, "baseline": baseline,
-                        "baseline_rank": target, "field": field, "seeds": seeds,
-                        "diffs": diffs, **mean_std(diffs)})
+            out.append(_with_intervals({"method": method, "rank": label, "baseline": baseline,
+                                        "baseline_rank": target, "field": field,
+                                        "seeds": seeds, "diffs": diffs, **mean_std(diffs)}))
+    return out
+
+
+def _with_intervals(pair: dict[str, Any]) -> dict[str, Any]:
+    ci = t_interval(pair["diffs"])
+    pair["ci95"] = ci
+    pair["bootstrap95"] = bootstrap_interval(pair["diffs"])
+    pair["separable"] = separable(ci)
+    return pair
+
+
+def reference_differences(results: Sequence[dict[str, Any]], baseline: str,
+                          reference: dict[str, Any] | None, metric: str = "val/score",
+                          mode: str = "max", field: str = "best") -> list[dict[str, Any]]:
+    """``reference - baseline`` seed by seed (the reference is the same for every seed): is
+    the baseline itself separable from the no-learning score?"""
+    score = ((reference or {}).get("metrics") or {}).get(metric)
+    if score is None:
+        return []
+    out = []
+    for (method, label), runs in _groups(_with_metric(results, metric, mode)).items():
+        if method != baseline:
+            continue
+        pairs = [(r["seed"], r.get(field)) for r in runs if r.get(field) is not None]
+        diffs = [score - v for _, v in pairs]
+        out.append(_with_intervals({"method": "(no learning)", "rank": "-",
+                                    "baseline": baseline, "baseline_rank": label,
+                                    "field": field, "seeds": [s for s, _ in pairs],
+                                    "diffs": diffs, **mean_std(diffs)}))
     return out
 
 
@@ -156,18 +190,32 @@ def _diff_cell(pairs: list[dict[str, Any]]) -> str:
     return "; ".join(cells) if cells else "n/a"
 
 
+def _lr(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2g}" for v in values) if values else "fragment's"
+
+
 def to_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]],
-                metric: str, baseline: str) -> str:
-    """The comparison table: one row per method and rank, mean ± std over seeds."""
-    head = ["method", "rank", "n", f"{metric} best", f"{metric} final",
-            f"Δ best vs {baseline} (paired)", "time/step median (ms)", "samples/s", "peak memory",
-            "optimizer state", "trainable params", "adapter size", "drift max"]
+                metric: str, baseline: str, reference: dict[str, Any] | None = None) -> str:
+    """The comparison table: one row per method and rank, mean ± std over seeds; a first row
+    with the no-learning reference (:mod:`app.compare.reference`) when there is one; an
+    ``lr`` column when the rates were selected."""
+    with_lr = any(row.get("lr") for row in summary)
+    head = ["method", "rank", *(["lr"] if with_lr else []), "n", f"{metric} best",
+            f"{metric} final", f"Δ best vs {baseline} (paired)", "time/step median (ms)",
+            "samples/s", "peak memory", "optimizer state", "trainable params", "adapter size",
+            "drift max"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    score = ((reference or {}).get("metrics") or {}).get(metric)
+    if score is not None:
+        cells = [f"*{reference['kind']} (no learning)*", "-", *(["-"] if with_lr else []), "-",
+                 f"{score:.4f}", f"{score:.4f}", *["-"] * (len(head) - 5 - with_lr)]
+        lines.append("| " + " | ".join(cells) + " |")
     for row in summary:
         pairs = [p for p in paired if p["method"] == row["method"] and p["rank"] == row["rank"]]
         diff = "(baseline)" if row["method"] == baseline else _diff_cell(pairs)
         drift = row["drift_max"]
-        cells = [row["method"], row["rank"], str(row["n"]), _pm(row["best"], ".4f"),
+        cells = [row["method"], row["rank"], *([_lr(row.get("lr"))] if with_lr else []),
+                 str(row["n"]), _pm(row["best"], ".4f"),
                  _pm(row["final"], ".4f"), diff, _pm(row["time_per_step_median_s"], ".1f", 1e3),
                  _pm(row["samples_per_s"], ".1f"), _bytes(row["peak_memory_bytes"]),
                  _bytes(row["optimizer_state_bytes"]), _params(row),
@@ -204,7 +252,9 @@ def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
 def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = "val/score",
                  mode: str = "max", baseline: str = "lora", header: str = "",
                  meta: dict[str, Any] | None = None, failed: Sequence[tuple[str, str]] = (),
-                 plots: bool = True) -> dict[str, Path]:
+                 plots: bool = True, selection: Sequence[dict[str, Any]] = (),
+                 reference: dict[str, Any] | None = None,
+                 holdout_reference: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``results.csv``, ``results.json``, ``summary.md`` and the PNG plots into ``out``.
 
     Args:
@@ -216,6 +266,10 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
         meta: Extra JSON fields (command, machine, date).
         failed: ``(run name, message)`` of runs that did not finish, listed under the table.
         plots: Also draw the PNG plots (needs matplotlib).
+        selection: The learning-rate selection (:func:`app.compare.select.select_rates`).
+        reference: The no-learning score on the dev set
+            (:func:`app.compare.reference.chance_reference`), shown in every table and plot.
+        holdout_reference: The same on the held-out slice the selection validated on.
 
     Returns:
         ``{kind: path}`` of every file written.
@@ -225,14 +279,19 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
     summary = summarize(results, metric, mode)
     paired = [*paired_differences(results, baseline, metric, mode, "best"),
               *paired_differences(results, baseline, metric, mode, "final")]
+    floor = [*reference_differences(results, baseline, reference, metric, mode, "best"),
+             *reference_differences(results, baseline, reference, metric, mode, "final")]
     files = {"csv": out / "results.csv", "json": out / "results.json",
              "markdown": out / "summary.md"}
     write_csv(results, files["csv"])
     payload = {**(meta or {}), "metric": metric, "mode": mode, "baseline": baseline,
-               "summary": summary, "paired_differences": paired,
+               "reference": reference, "summary": summary, "paired_differences": paired,
+               "reference_differences": floor,
+               "selection": {"rates": list(selection), "holdout_reference": holdout_reference},
                "failed": [{"name": n, "message": m} for n, m in failed], "runs": list(results)}
     _atomic_text(files["json"], json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    table = to_markdown(summary, [p for p in paired if p["field"] == "best"], metric, baseline)
+    table = to_markdown(summary, [p for p in paired if p["field"] == "best"], metric, baseline,
+                        reference)
     notes = (f"\nMean ± sample std (ddof=1) over seeds; `{metric}` "
              f"({'higher' if mode == 'max' else 'lower'} is better) at its best validation and "
              f"at the end. Δ: per-seed difference to `{baseline}` (same seeds, same rank or "
@@ -241,13 +300,36 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
              "peak memory is CUDA max allocated on GPU, process peak RSS on CPU; adapter size: "
              "the exported weight files (the whole model for full fine-tuning); drift max: the "
              "largest `manifold/drift_max` logged (geometry-aware methods only).\n")
+    if reference:
+        notes += (f"\nNo learning: {reference['description']}; {reference['n_eval']} "
+                  "evaluation rows. A method at this score has learned nothing.\n")
+    text = (header.rstrip() + "\n\n" if header else "") + table + notes
+    if paired or floor:
+        text += (f"\n## Paired differences to `{baseline}`\n\n"
+                 + paired_table([*floor, *paired], baseline)
+                 + "\nΔ = method − baseline on each common seed; 95% CI (t): mean ± "
+                   "t(0.975, n−1) · sd / √n over those seeds; 95% CI (bootstrap): paired "
+                   "percentile bootstrap of the mean over seeds (exact enumeration up to 6 "
+                   "seeds), only with 5 seeds or more; separable: the t-interval excludes 0 "
+                   "(with 3 seeds t = 4.30, so only differences several seed-sds wide "
+                   "separate). The first row asks whether the baseline itself is separable "
+                   "from the no-learning score.\n")
+    if selection:
+        text += ("\n## Learning-rate selection\n\n" + selection_table(selection,
+                                                                     holdout_reference)
+                 + "\nEach rate ran once on the selection seed, trained on the training set "
+                   "minus a fixed held-out slice and validated on that slice (the dev set is "
+                   f"not read); the rate with the best held-out `{metric}` "
+                   f"({selection[0]['select_on']} value; ties: lower held-out loss, then the "
+                   "smaller rate) is the one every seed ran at.\n")
     if failed:
-        notes += "\nRuns that did not finish:\n\n" + "".join(
+        text += "\nRuns that did not finish:\n\n" + "".join(
             f"- `{name}`: {message}\n" for name, message in failed)
-    _atomic_text(files["markdown"], (header.rstrip() + "\n\n" if header else "")
-                 + table + notes)
+    _atomic_text(files["markdown"], text)
     if plots and results:
         from app.compare.plots import draw_all
 
-        files.update(draw_all(out, results, summary, metric))
+        files.update(draw_all(out, results, summary, metric, reference=reference,
+                              paired=[*floor, *paired], baseline=baseline,
+                              selection=selection, holdout_reference=holdout_reference))
     return files

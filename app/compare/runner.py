@@ -228,6 +228,7 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
         if code == 0:
             result = {"name": spec.name, "method": spec.method, "rank": spec.rank,
                       "rank_label": spec.rank_label, "seed": spec.seed,
+                      "lr": spec.lr, "stage": spec.stage,
                       "fingerprint": spec.fingerprint(),
                       "command": shlex.join([sys.executable, "-m", "app", *args]),
                       "wall_s": round(sum(a["wall_s"] for a in state["attempts"]), 3),

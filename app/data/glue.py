@@ -32,6 +32,17 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train rows, held-out rows)`` of ``n`` training rows: a seeded random permutation, the
+    first ``max(1, round(fraction * n))`` rows held out; both lists sorted (the same split in
+    every process, independent of the global random state)."""
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[k:]), sorted(order[:k])
+
+
 class GLUEDataModule(L.LightningDataModule):
     """One GLUE task, tokenised with the model's tokenizer and padded per batch.
 
@@ -58,6 +69,12 @@ class GLUEDataModule(L.LightningDataModule):
         max_train_samples: Use a fixed random subset of this many training rows (seed 0).
         max_eval_samples: Use only the first rows of each validation split.
         num_workers: DataLoader worker processes.
+        holdout_fraction: If set (0 < f < 1), carve a fixed slice of this fraction of the
+            training rows (:func:`holdout_split`, seeded by ``holdout_seed``) and use it as
+            the validation split(s); the remaining rows are the training set and the dev
+            files are not read at all. For choosing hyper-parameters (``python -m app.compare
+            --lrs``) without looking at the dev set that is reported.
+        holdout_seed: Seed of the held-out slice.
         cache_dir: Tokenised-dataset cache (default ``$APP_CACHE_DIR`` or ``~/.cache/geolora``).
     """
 
@@ -72,6 +89,8 @@ class GLUEDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         num_workers: int = 0,
+        holdout_fraction: float | None = None,
+        holdout_seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -85,6 +104,11 @@ class GLUEDataModule(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.num_workers = num_workers
+        if holdout_fraction is not None and not 0.0 < holdout_fraction < 1.0:
+            raise ConfigError(f"data.init_args.holdout_fraction={holdout_fraction!r} must be "
+                              "between 0 and 1 (e.g. 0.1), or null for the dev set")
+        self.holdout_fraction = holdout_fraction
+        self.holdout_seed = holdout_seed
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.local_files = self._check_local(data_dir)
         self.datasets: DatasetDict | None = None
@@ -129,6 +153,8 @@ class GLUEDataModule(L.LightningDataModule):
         if self.local_files is not None:
             splits = {}
             for split, path in self.local_files.items():
+                if self.holdout_fraction is not None and split != "train":
+                    continue  # the held-out slice of train replaces the dev set: never read
                 columns, skipped = read_glue_tsv(self.spec, path)
                 if skipped:
                     log.warning("GLUE %s: skipped %d malformed rows in %s",
@@ -143,7 +169,8 @@ class GLUEDataModule(L.LightningDataModule):
                 f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
                 "Download the official GLUE TSVs and set data.init_args.data_dir"
             ) from err
-        keep = ["train", *self.spec.validation_splits]
+        keep = ["train"] if self.holdout_fraction is not None else [
+            "train", *self.spec.validation_splits]
         return DatasetDict({split: hub[split] for split in keep})
 
     def _cache_key(self) -> str:
@@ -153,7 +180,9 @@ class GLUEDataModule(L.LightningDataModule):
         else:
             source = HUB_DATASET
         blob = json.dumps([self.spec.name, source, resolve_checkpoint(self.checkpoint),
-                           self.max_length, self.max_train_samples, self.max_eval_samples, 2])
+                           self.max_length, self.max_train_samples, self.max_eval_samples, 2,
+                           *([] if self.holdout_fraction is None
+                             else [self.holdout_fraction, self.holdout_seed])])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -179,6 +208,12 @@ class GLUEDataModule(L.LightningDataModule):
         if self.max_train_samples is not None:
             n = min(self.max_train_samples, len(raw["train"]))
             raw["train"] = raw["train"].shuffle(seed=0).select(range(n))
+        if self.holdout_fraction is not None:
+            train, held = holdout_split(len(raw["train"]), self.holdout_fraction,
+                                        self.holdout_seed)
+            held_out = raw["train"].select(held)
+            raw = DatasetDict({"train": raw["train"].select(train),
+                               **{split: held_out for split in self.spec.validation_splits}})
         if self.max_eval_samples is not None:
             for split in self.spec.validation_splits:
                 raw[split] = raw[split].select(range(min(self.max_eval_samples, len(raw[split]))))

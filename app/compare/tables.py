@@ -1,0 +1,74 @@
+"""Markdown tables of a comparison's statistics: paired differences with their confidence
+intervals (:mod:`app.compare.stats`), and the learning-rate selection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["paired_table", "selection_table"]
+
+
+def _interval(ci: dict[str, Any] | None) -> str:
+    if not ci or ci.get("low") is None:
+        return "n/a"
+    return f"[{ci['low']:+.4f}, {ci['high']:+.4f}]"
+
+
+def paired_table(paired: Sequence[dict[str, Any]], baseline: str) -> str:
+    """Per method and rank: the paired difference to the baseline at the end of the run and
+    at the best validation point, each with its 95% t-interval over seeds (and the paired
+    bootstrap with 5 seeds or more) and whether it is separable from zero."""
+    head = ["method", "rank", "n", "Δ final", "95% CI (t)", "95% CI (bootstrap)",
+            "separable (final)", "Δ best", "95% CI (t)", "separable (best)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((p["method"], p["rank"], p["baseline_rank"]) for p in paired))
+    for method, rank, base_rank in keys:
+        by_field = {p["field"]: p for p in paired if (p["method"], p["rank"],
+                                                       p["baseline_rank"]) == (method, rank,
+                                                                               base_rank)}
+        final, best = by_field.get("final"), by_field.get("best")
+        label = method if rank == base_rank else f"{method} (vs {baseline} r{base_rank})"
+        if method == "(no learning)":
+            label = f"*no learning − {baseline}*"
+        n = (final or best or {}).get("n", 0)
+
+        def mean(p: dict[str, Any] | None) -> str:
+            return "n/a" if not p or p.get("mean") is None else f"{p['mean']:+.4f}"
+
+        lines.append("| " + " | ".join([
+            label, rank, str(n), mean(final), _interval((final or {}).get("ci95")),
+            _interval((final or {}).get("bootstrap95")) if final and final.get("bootstrap95")
+            else "n/a (< 5 seeds)", (final or {}).get("separable", "n/a"), mean(best),
+            _interval((best or {}).get("ci95")), (best or {}).get("separable", "n/a")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def selection_table(chosen: Sequence[dict[str, Any]],
+                    reference: dict[str, Any] | None = None) -> str:
+    """The learning-rate grid of every method, its held-out score per rate, the selected
+    rate and its score; the no-learning score on the held-out slice as a first row."""
+    metric = chosen[0]["metric"] if chosen else "val/score"
+    head = ["method", "rank", "grid", f"held-out {metric} per rate", "selected lr",
+            "selection score", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    score = ((reference or {}).get("metrics") or {}).get(metric)
+    if score is not None:
+        lines.append(f"| *{reference['kind']} (no learning)* | - | - | - | - | {score:.4f} | "
+                     f"{reference['description']} |")
+    for c in chosen:
+        grid = ", ".join(f"{v:.2g}" for v in c["grid"])
+        scores = ", ".join("failed" if v is None else f"{v:.4f}" for v in c["scores"])
+        notes = []
+        if c["edge"]:
+            notes.append(f"at the {c['edge']} end of the grid")
+        if not c["complete"]:
+            notes.append("some rates did not finish")
+        if score is not None and c["score"] is not None and abs(c["score"] - score) < 1e-9:
+            notes.append("no rate left the no-learning score")
+        lines.append("| " + " | ".join([
+            c["method"], c["rank"], grid, scores,
+            "none" if c["selected"] is None else f"{c['selected']:.2g}",
+            "n/a" if c["score"] is None else f"{c['score']:.4f}",
+            "; ".join(notes) or "-"]) + " |")
+    return "\n".join(lines) + "\n"
