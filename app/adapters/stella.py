@@ -152,8 +152,8 @@ class StellaConfig(AdapterConfig):
     r"""StelLA adapter: every targeted Linear gets :math:`s\, U S V^T` (:class:`StellaLinear`).
 
     Train it with :class:`app.callbacks.stella.StellaCallback` (Riemannian gradient before the
-    optimizer step, projection and retraction after it); ``U`` and ``V`` are kept out of
-    weight decay (``no_decay_patterns``).
+    optimizer step, projection and retraction after it); ``U``, ``V`` and ``S`` are kept out of
+    weight decay (``no_decay_patterns``; S as in the public code).
 
     Args:
         r: Rank of the update (``1 <= r <= min(in, out)`` of every targeted layer).
@@ -178,8 +178,10 @@ class StellaConfig(AdapterConfig):
     dropout: float = 0.0
     seed: int = 0
 
-    #: Kept out of weight decay by :class:`app.modules.adapted.AdaptedModule`.
-    no_decay_patterns: ClassVar[tuple[str, ...]] = ("stella_U", "stella_V")
+    #: Kept out of weight decay by :class:`app.modules.adapted.AdaptedModule`: U and V (decay
+    #: would pull them off the manifold) and S, as in the public StelLA code (its optimizer
+    #: groups put S with the no-decay parameters).
+    no_decay_patterns: ClassVar[tuple[str, ...]] = ("stella_U", "stella_V", "stella_S")
     #: State-dict markers of the adapter (checkpoints keep these keys).
     state_markers: ClassVar[tuple[str, ...]] = ("stella_",)
 
