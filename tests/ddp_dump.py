@@ -38,9 +38,15 @@ class DumpParams(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(self.dirpath)
         folder.mkdir(parents=True, exist_ok=True)
+        from torch.distributed.tensor import DTensor
+
         named = list(pl_module.named_parameters())
-        torch.save({"params": {n: p.detach().cpu().clone() for n, p in named},
+        # FSDP2: DTensor shards, gathered to whole tensors (a collective: every rank dumps)
+        whole = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+                 for n, p in named}
+        torch.save({"params": whole,
                     "trainable": [n for n, p in named if p.requires_grad],
+                    "sharded": [n for n, p in named if isinstance(p, DTensor)],
                     "global_step": trainer.global_step,
                     "world_size": trainer.world_size},
                    folder / f"rank{trainer.global_rank}.pt")

@@ -164,7 +164,7 @@ def test_module_refuses_model_parallel_and_loraplus_under_fsdp(tiny_ckpt) -> Non
     lora.check_strategy(DDPStrategy())
     lora.check_strategy(AdapterFSDPStrategy())
     with pytest.raises(ConfigError, match=r"does not support trainer.strategy=ModelParallelStrategy"
-                                          r" .*use trainer.strategy=ddp .*configs/strategy/fsdp"):
+                                          r" .*use FSDP2 through configs/strategy/fsdp2.yaml"):
         lora.check_strategy(_strategies()["ModelParallelStrategy"])
     from peft import LoraConfig
 

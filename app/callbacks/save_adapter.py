@@ -33,9 +33,11 @@ class SaveAdapter(L.Callback):
         root = Path(trainer.log_dir or trainer.default_root_dir)
         target = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname
         self.path = target
-        if isinstance(trainer.strategy, FSDPStrategy):
+        gather = getattr(trainer.strategy, "full_state_dict", None)  # FSDP2 (app.fsdp2)
+        if isinstance(trainer.strategy, FSDPStrategy) or callable(gather):
             # Shards only: gather on every rank (a collective), export on rank 0.
-            state = trainer.strategy.lightning_module_state_dict()
+            state = (gather() if callable(gather)
+                     else trainer.strategy.lightning_module_state_dict())
             if trainer.is_global_zero:
                 pl_module.save_adapter_from_state_dict(target, state)
                 rank_zero_info(f"adapter saved to {target}")

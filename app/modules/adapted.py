@@ -188,10 +188,11 @@ class AdaptedModule(L.LightningModule):
         - GaLore / GaRare under a sharding strategy
           (:func:`app.optim.compat.check_optimizer_strategy`);
         - LoRA+ (``loraplus_lr_ratio``) under FSDP;
-        - ``ModelParallelStrategy`` (FSDP2 / tensor parallel): it expects ``configure_model``
-          to shard the model itself, which this module does not do, so every rank would train
-          an unsynchronised full copy; adapter-only checkpoints would also not load into its
-          sharded format. FSDP on GPUs is ``configs/strategy/fsdp.yaml``.
+        - Lightning's plain ``ModelParallelStrategy``: it expects ``configure_model`` to
+          shard the model, which this module leaves to
+          :class:`app.fsdp2.AdapterFSDP2Strategy` (``configs/strategy/fsdp2.yaml``: it shards
+          at setup and keeps checkpoints adapter-only); the plain one would train an
+          unsynchronised full copy on every rank.
 
         Raises:
             ConfigError: For the combinations above.
@@ -199,18 +200,22 @@ class AdaptedModule(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         check_optimizer_strategy(self.optimizer_factory, strategy)
+        from app.fsdp2 import AdapterFSDP2Strategy
+
         if self.loraplus_lr_ratio is not None and isinstance(strategy, FSDPStrategy):
             raise ConfigError(
                 "model.init_args.loraplus_lr_ratio (LoRA+) does not support trainer.strategy="
                 f"{type(strategy).__name__}: PEFT's create_loraplus_optimizer tells A from B "
-                "partly by parameter dimensions, which FSDP flattens; use trainer.strategy=ddp "
-                "(configs/strategy/ddp.yaml)")
-        if isinstance(strategy, ModelParallelStrategy):
+                "partly by parameter dimensions, which FSDP flattens; use FSDP2 "
+                "(configs/strategy/fsdp2.yaml) or trainer.strategy=ddp (configs/strategy/ddp.yaml)")
+        if isinstance(strategy, ModelParallelStrategy) and not isinstance(
+                strategy, AdapterFSDP2Strategy):
             raise ConfigError(
-                f"{type(self).__name__} does not support trainer.strategy=ModelParallelStrategy "
-                "(FSDP2 / tensor parallelism): the model is not sharded in configure_model and "
-                "checkpoints hold only the adapter; use trainer.strategy=ddp "
-                "(configs/strategy/ddp.yaml), or FSDP on GPUs (configs/strategy/fsdp.yaml)")
+                f"{type(self).__name__} does not support trainer.strategy="
+                f"{type(strategy).__name__} (FSDP2 / tensor parallelism) directly: the model is "
+                "not sharded in configure_model and checkpoints hold only the adapter; use "
+                "FSDP2 through configs/strategy/fsdp2.yaml (app.fsdp2.AdapterFSDP2Strategy), or "
+                "trainer.strategy=ddp (configs/strategy/ddp.yaml)")
 
     @property
     def trainable_state_keys(self) -> set[str]:
