@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from app.adapters.lora import AlloraConfig, lora_layers
-from app.callbacks.factors import check_strategy
+from app.callbacks.factors import check_strategy, reducer_for
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
+from app.fsdp2 import local
 
 __all__ = ["AlloraUpdateScaling", "allora_coefficient"]
 
@@ -75,8 +76,9 @@ class AlloraUpdateScaling(L.Callback):
     runs once per real optimizer step (after gradient accumulation); the parameters do not change
     between the two, so it is independent of where clipping happens. Math in fp32 under
     ``no_grad``, batched over same-shaped factors; deterministic, so every DDP rank applies the
-    same update. FSDP-sharded (DTensor) factors are refused (row norms of a shard differ from
-    the full ones).
+    same update. Under FSDP2 (``configs/strategy/fsdp2.yaml``) ``B`` is sharded by rows and
+    ``A`` by columns, so the ``"row"`` norms are local; ``"tensor"`` all-reduces one sum per
+    factor. FSDP1's flat shards are refused.
 
     Logged after each step: ``allora/coef_A_mean``, ``allora/coef_B_mean`` (mean of ``c``).
 
@@ -103,6 +105,7 @@ class AlloraUpdateScaling(L.Callback):
         self.granularity = granularity
         self.resolved_eta: float | None = None
         self._groups: list[_Group] = []
+        self._reduce: Any = None
         self._roles: list[str] = []
         self._hooks = OptimizerStepHooks(self._before_step, self._after_step)
         self._stepped = False
@@ -163,15 +166,13 @@ class AlloraUpdateScaling(L.Callback):
                 weight = factor.weight
                 if not weight.requires_grad:
                     continue
-                if type(weight).__name__ == "DTensor":
-                    raise ConfigError("ALLoRA update scaling does not support FSDP-sharded "
-                                      "factors; use strategy: ddp")
                 key = (role, tuple(weight.shape), weight.dtype, weight.device,
                        dim if self.granularity == "row" else None)
                 shapes[key].append(weight)
         if count == 0:
             raise ConfigError("ALLoRA: the model has no LoRA layer (model.init_args.adapter)")
         self._groups = [_Group(params, key[4]) for key, params in shapes.items()]
+        self._reduce = reducer_for([p for g in self._groups for p in g.params])
         self._roles = [key[0] for key in shapes]
         if not self._groups:
             raise ConfigError("ALLoRA: no trainable lora_A / lora_B factor to scale")
@@ -182,19 +183,26 @@ class AlloraUpdateScaling(L.Callback):
         eta = self.resolved_eta
         assert eta is not None
         for group in self._groups:
-            old = torch.stack([p.detach() for p in group.params]).float()
+            # FSDP2: local shards; B is sharded by rows and A by columns, so "row" norms are
+            # local and a "tensor" norm needs one all-reduce of the per-factor sums
+            old = torch.stack([local(p.detach()) for p in group.params]).float()
             group.old = old
-            group.coef = allora_coefficient(old, eta, group.dim)
+            if group.dim is None and self._reduce is not None:
+                sq = old.square().sum(dim=(1, 2), keepdim=True)
+                self._reduce(sq)
+                group.coef = torch.rsqrt(sq + 1.0 / eta**2)
+            else:
+                group.coef = allora_coefficient(old, eta, group.dim)
 
     @torch.no_grad()
     def _after_step(self) -> None:
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for role, group in zip(self._roles, self._groups):
             assert group.old is not None and group.coef is not None
-            new = torch.stack([p.detach() for p in group.params]).float()
+            new = torch.stack([local(p.detach()) for p in group.params]).float()
             scaled = group.old + group.coef * (new - group.old)
             for p, value in zip(group.params, scaled.unbind(0)):
-                p.copy_(value)
+                local(p.data).copy_(value)
             sums[role][0] += float(group.coef.sum())
             sums[role][1] += group.coef.numel()
             group.old = group.coef = None

@@ -25,8 +25,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from app.callbacks.factors import reducer_for
 from app.errors import ConfigError
-from app.manifolds import sphere, stiefel
+from app.manifolds import sharded, sphere, stiefel
 from app.manifolds.batching import apply_grouped
 
 __all__ = ["OrthogonalityDrift"]
@@ -99,8 +100,12 @@ class OrthogonalityDrift(L.Callback):
         for manifold, fn in _DRIFT.items():
             chosen = [(n, x) for n, x, m in factors if m == manifold]
             if chosen:
-                values = apply_grouped(fn, [x for _, x in chosen])
-                flat = torch.stack([v.reshape(()) for v in values]).tolist()
+                xs = [x for _, x in chosen]
+                reduce = reducer_for(xs)
+                if reduce is not None:  # FSDP2: local rows, one small all-reduce per group
+                    flat = sharded.drift([sharded.local_rows(x) for x in xs], manifold, reduce)
+                else:
+                    flat = torch.stack([v.reshape(()) for v in apply_grouped(fn, xs)]).tolist()
                 out.update(zip([n for n, _ in chosen], flat))
         return out
 

@@ -40,12 +40,14 @@ def select_factors(pl_module: L.LightningModule, patterns: Sequence[str], owner:
 
 
 def check_strategy(trainer: L.Trainer, owner: str) -> None:
-    """Refuse strategies that shard parameters: the step needs whole factors on each rank.
+    """Refuse strategies whose parameter layout the step cannot work with.
 
     Single-device and DDP (every rank holds whole, identical factors and all-reduced
-    gradients, so every rank computes the identical update) are supported. FSDP / FSDP2
-    (``ModelParallelStrategy``) and DeepSpeed shard the factors; gathering them for a
-    retraction per step is not implemented, so they are refused before anything trains.
+    gradients, so every rank computes the identical update) and FSDP2 through
+    :class:`app.fsdp2.AdapterFSDP2Strategy` (factors sharded along their long dimension; the
+    step works on local rows with small all-reduces, :mod:`app.manifolds.sharded`) are
+    supported. FSDP1 (flat 1-D shards), a plain ``ModelParallelStrategy`` and DeepSpeed are
+    refused before anything trains.
     """
     from lightning.pytorch.strategies import (
         DDPStrategy,
@@ -55,13 +57,53 @@ def check_strategy(trainer: L.Trainer, owner: str) -> None:
         SingleDeviceStrategy,
     )
 
+    from app.fsdp2 import AdapterFSDP2Strategy
+
     strategy = trainer.strategy
+    if isinstance(strategy, AdapterFSDP2Strategy):
+        return
     sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
     if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ConfigError(
             f"{owner} does not support trainer.strategy={type(strategy).__name__}: it updates "
-            "whole factors on every rank and sharded parameters are not gathered; use "
-            "trainer.strategy=ddp (or a single device)")
+            "factors by rows and this strategy flattens or splits them arbitrarily; use FSDP2 "
+            "(configs/strategy/fsdp2.yaml) or trainer.strategy=ddp (or a single device)")
+
+
+def tall_local(t: Tensor) -> Tensor:
+    """This rank's rows of the tall form of a 2-D factor (or gradient).
+
+    Whole tensors: :func:`tall`. FSDP2 ``DTensor`` s: the local shard, transposed when the
+    *global* factor is wide (the orientation never depends on the shard's own shape).
+
+    Raises:
+        ConfigError: If the ``DTensor`` is not sharded along the factor's long dimension.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return tall(t)
+    long_dim = 0 if t.shape[0] >= t.shape[1] else 1
+    if any(not (isinstance(p, Shard) and p.dim == long_dim)
+           for p in t.placements if not p.is_replicate()):
+        raise ConfigError(
+            f"a constrained factor of shape {tuple(t.shape)} is sharded as {t.placements}; "
+            "it must be sharded along its long dimension (configs/strategy/fsdp2.yaml)")
+    x = t.to_local()
+    return x if long_dim == 0 else x.transpose(0, 1)
+
+
+def reducer_for(params: Sequence[Tensor]) -> object | None:
+    """An in-place all-reduce (:class:`app.manifolds.sharded.AllReduce`) over the group that
+    shards ``params`` (FSDP2), or ``None`` when they are whole tensors."""
+    from torch.distributed.tensor import DTensor
+
+    from app.manifolds.sharded import AllReduce
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    return AllReduce(sharded[0].device_mesh.get_group())
 
 
 def check_precision(trainer: L.Trainer, owner: str) -> None:

@@ -54,12 +54,15 @@ from app.callbacks.factors import (
     check_fit_setup,
     check_no_weight_decay,
     optimizers_holding,
+    reducer_for,
     select_factors,
     tall,
+    tall_local,
 )
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
-from app.manifolds import sphere, stiefel
+from app.fsdp2 import local
+from app.manifolds import sharded, sphere, stiefel
 from app.manifolds.batching import apply_grouped
 
 __all__ = ["LandingCallback", "a_step_scale"]
@@ -123,6 +126,7 @@ class LandingCallback(L.Callback):
         self._active: list[int] = []
         self._snapshot: list[Tensor] | None = None
         self._a_snapshot: list[Tensor] | None = None
+        self._reduce: Any = None
         self._hooks = OptimizerStepHooks(self._pre_step, self._post_step)
 
     # -- start-up checks ------------------------------------------------------------------
@@ -175,6 +179,7 @@ class LandingCallback(L.Callback):
     # -- hooks ----------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = [p for _, p in self._factors] + self._pairs
+        self._reduce = reducer_for(params)  # FSDP2: small all-reduces over the shard group
         self._hooks.attach(optimizers_holding(trainer, params, "LandingCallback"))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -187,14 +192,19 @@ class LandingCallback(L.Callback):
     @torch.no_grad()
     def _pre_step(self) -> None:
         self._active = [i for i, (_, p) in enumerate(self._factors) if p.grad is not None]
-        self._snapshot = [self._factors[i][1].detach().float().clone() for i in self._active]
+        self._snapshot = [local(self._factors[i][1].detach()).float().clone()
+                          for i in self._active]
         self._a_snapshot = None
         if self.balance_a_lr:
-            self._a_snapshot = [self._pairs[i].detach().float().clone() for i in self._active]
+            self._a_snapshot = [local(self._pairs[i].detach()).float().clone()
+                                for i in self._active]
 
     @torch.no_grad()
     def _post_step(self) -> None:
         if self._snapshot is None:
+            return
+        if self._reduce is not None:
+            self._post_step_sharded()
             return
         params = [self._factors[i][1] for i in self._active]
         news = [p.detach().float() for p in params]
@@ -208,6 +218,29 @@ class LandingCallback(L.Callback):
                 a.copy_(value)
         for p, value in zip(params, outs):
             p.copy_(value)
+        self._snapshot = self._a_snapshot = None
+        self.num_steps += 1
+
+    def _post_step_sharded(self) -> None:
+        """FSDP2: B's local rows, ``r x r`` (or ``r``) products all-reduced
+        (:func:`app.manifolds.sharded.landing`); A's scale from all-reduced Gram matrices."""
+        assert self._snapshot is not None
+        params = [self._factors[i][1] for i in self._active]
+        news = [tall_local(p.data) for p in params]
+        if self._a_snapshot is not None:
+            a_params = [self._pairs[i] for i in self._active]
+            grams = torch.stack([torch.stack([b.T @ b, a @ a.T]) for b, a in
+                                 zip(self._snapshot, self._a_snapshot)])
+            self._reduce(grams)  # B^T B over B's rows, A A^T over A's columns
+            b_sq = torch.linalg.eigvalsh(grams[:, 0])[..., -1].clamp_min(0)
+            a_sq = torch.linalg.eigvalsh(grams[:, 1])[..., -1].clamp_min(0)
+            ratio = torch.sqrt(b_sq / a_sq.clamp_min(torch.finfo(a_sq.dtype).tiny))
+            scale = torch.where(a_sq > b_sq, ratio, torch.ones_like(ratio))
+            for j, (a, a_old) in enumerate(zip(a_params, self._a_snapshot)):
+                a_new = local(a.data)
+                a_new.copy_(a_old + scale[j] * (a_new - a_old))
+        sharded.landing(self._snapshot, news, self.mu, self.manifold, outs=news,
+                        reduce=self._reduce)
         self._snapshot = self._a_snapshot = None
         self.num_steps += 1
 

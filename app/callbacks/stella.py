@@ -44,8 +44,10 @@ from app.callbacks.factors import (
     check_no_weight_decay,
     hidden_size_of,
     optimizers_holding,
+    reducer_for,
     select_factors,
     tall,
+    tall_local,
 )
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
@@ -90,6 +92,7 @@ class StellaCallback(L.Callback):
         self._active: list[torch.nn.Parameter] = []
         self._snapshot: list[Tensor] | None = None
         self._buffers: dict[int, Tensor] = {}
+        self._reduce: Any = None
         self._hooks = OptimizerStepHooks(self._pre_step, self._post_step)
 
     # -- start-up checks ------------------------------------------------------------------
@@ -116,6 +119,7 @@ class StellaCallback(L.Callback):
     # -- hooks ----------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = [p for _, p in self._factors]
+        self._reduce = reducer_for(params)  # FSDP2: r x r all-reduces over the shard group
         self._hooks.attach(optimizers_holding(trainer, params, "StellaCallback"))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -135,24 +139,24 @@ class StellaCallback(L.Callback):
     @torch.no_grad()
     def _pre_step(self) -> None:
         self._active = [p for _, p in self._factors if p.grad is not None]
-        xs = [tall(p.detach()) for p in self._active]
-        fused.riemannian_grad_(xs, [tall(p.grad) for p in self._active])
+        xs = [tall_local(p.detach()) for p in self._active]  # local rows under FSDP2
+        fused.riemannian_grad_(xs, [tall_local(p.grad) for p in self._active], self._reduce)
         # persistent snapshot buffers (same layout as the parameter): no allocation per step
         self._snapshot = []
-        for p in self._active:
+        for p, x in zip(self._active, xs):
             buf = self._buffers.get(id(p))
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = self._buffers[id(p)] = torch.empty_like(p.detach())
-            buf.copy_(p.detach())
-            self._snapshot.append(tall(buf))
+            if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+                buf = self._buffers[id(p)] = torch.empty_like(x)
+            buf.copy_(x)
+            self._snapshot.append(buf)
 
     @torch.no_grad()
     def _post_step(self) -> None:
         if self._snapshot is None:
             return
-        news = [tall(p.data) for p in self._active]
+        news = [tall_local(p.data) for p in self._active]
         fused.retract_fused(self._snapshot, news, [self._scale(p) for p in self._active],
-                            self.retraction, outs=news)
+                            self.retraction, outs=news, reduce=self._reduce)
         self._snapshot, self._active = None, []
         self.num_steps += 1
 
