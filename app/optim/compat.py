@@ -95,10 +95,11 @@ def check_optimizer_strategy(
 ) -> None:
     """Refuse GaLore / GaRare under a strategy that shards parameters, before the model is built.
 
-    The projection needs each targeted weight's whole gradient matrix on every rank. FSDP
+    The projection needs whole rows or columns of each targeted weight's gradient. FSDP
     (``FSDPStrategy``; with ``use_orig_params`` each rank sees flat 1-D shards, so the optimizer
-    would silently find no 2-D weight), FSDP2 / tensor parallelism (``ModelParallelStrategy``,
-    DTensor shards) and DeepSpeed shard them. DDP and single-device runs keep full weights.
+    would silently find no 2-D weight), a plain ``ModelParallelStrategy`` and DeepSpeed are
+    refused. DDP, single-device runs and :class:`app.fsdp2.AdapterFSDP2Strategy` (weights
+    sharded along their long side; :mod:`app.optim.sharded_projection`) are supported.
 
     Args:
         optimizer_factory: The module's ``optimizer`` (an ``OptimizerCallable``).
@@ -116,10 +117,21 @@ def check_optimizer_strategy(
         ModelParallelStrategy,
     )
 
+    from app.fsdp2 import AdapterFSDP2Strategy
+
+    if isinstance(strategy, AdapterFSDP2Strategy):
+        if cls.__name__ == "GaRareAdamW":  # long-side shards: local projection, no collective
+            return
+        raise ConfigError(
+            f"{_OPTION}: {cls.__name__} does not support trainer.strategy="
+            f"{type(strategy).__name__} yet: its sharded subspace refresh (the all-reduced "
+            "short-side Gram matrix, app.optim.sharded_projection) does not yet reproduce a "
+            "single-process run; use trainer.strategy=ddp (configs/strategy/ddp.yaml), or "
+            "GaRare (configs/methods/garare.yaml) under FSDP2")
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
         raise ConfigError(
             f"{_OPTION}: {cls.__name__} does not support trainer.strategy="
-            f"{type(strategy).__name__}: it projects each targeted weight's whole gradient "
-            "matrix, and this strategy shards weights and gradients across ranks; use "
-            "trainer.strategy=ddp (configs/strategy/ddp.yaml, every rank keeps full weights), or "
-            "torch.optim.AdamW (configs/methods/full.yaml) if the model needs FSDP")
+            f"{type(strategy).__name__}: it projects each targeted weight's gradient matrix "
+            "by rows or columns, and this strategy flattens or splits them arbitrarily; use "
+            "FSDP2 (configs/strategy/fsdp2.yaml: weights sharded along their long side) or "
+            "trainer.strategy=ddp (configs/strategy/ddp.yaml, every rank keeps full weights)")

@@ -46,8 +46,10 @@ against 11.25 without.
 Non-target parameters (not 2-D, not matched, or embeddings by default) get plain AdamW,
 numerically identical to ``torch.optim.AdamW`` (single-tensor path, decay before the update).
 The state holds tensors only (``step`` as a float32 CPU scalar tensor like torch's Adam), so
-``state_dict`` survives ``torch.load(weights_only=True)``. Sharded (``DTensor``) parameters
-are refused for projection: the SVD / projection of a local shard would be wrong.
+``state_dict`` survives ``torch.load(weights_only=True)``. Under FSDP2 (``DTensor`` weights
+sharded along their long side) the projection runs on local rows: see
+:mod:`app.optim.sharded_projection` (no collective per step; GaLore's refresh all-reduces the
+short-side Gram matrix).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
+
+from app.optim import sharded_projection
 
 __all__ = ["GaLoreAdamW", "GaRareAdamW", "projection_seed", "random_projection"]
 
@@ -270,12 +274,8 @@ class _ProjectedAdamW(Optimizer):
                     f"rank={rank} exceeds min(p, q)={min(p.shape)} of targeted weight '{name}' "
                     f"with shape {tuple(p.shape)}; lower rank or leave it out of target_modules"
                 )
-            if flags[-1] and _is_dtensor(p):
-                raise ValueError(
-                    f"'{name}' is a sharded DTensor: GaLore/GaRare need the full gradient "
-                    "matrix and do not support FSDP-sharded parameters; use strategy: ddp "
-                    "(every rank keeps full weights), or torch.optim.AdamW under FSDP"
-                )
+            if flags[-1] and _is_dtensor(p):  # FSDP2: sharded along the long side only
+                sharded_projection.check_placement(name, p)
         group["projected"] = flags
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -352,21 +352,29 @@ class _ProjectedAdamW(Optimizer):
                                      p.device, group.get("projection_norm", "orthonormal"))
         state = self.state[p]
         if step % gap == 0 or "projector" not in state:
-            state["projector"] = _svd_projection(grad, rank)
+            if _is_dtensor(p):  # FSDP2: short-side Gram matrix, one all-reduce
+                state["projector"] = sharded_projection.gram_projection(
+                    grad, rank, p.shape[0] >= p.shape[1], sharded_projection.reducer(p))
+            else:
+                state["projector"] = _svd_projection(grad, rank)
         return state["projector"]
 
     def _projected_step(self, name: str, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        grad = p.grad.to(torch.float32)
+        # FSDP2: the local rows (columns) of a weight sharded along its long side; the
+        # projection acts on the short side, whole on every rank (app.optim.sharded_projection)
+        grad = sharded_projection.local_view(p.grad).to(torch.float32)
         tall = p.shape[0] >= p.shape[1]
         state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
         proj = self._projector(name, p, grad, int(state["step"].item()), group)
         low = grad @ proj.T if tall else proj.T @ grad
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
+            rank = group["rank"]
+            state["exp_avg"] = sharded_projection.as_state(torch.zeros_like(low), p, rank)
+            state["exp_avg_sq"] = sharded_projection.as_state(torch.zeros_like(low), p, rank)
         lr, (beta1, beta2), eps, wd = _hyper(group)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg = sharded_projection.local_view(state["exp_avg"])
+        exp_avg_sq = sharded_projection.local_view(state["exp_avg_sq"])
         done, gap = int(state["step"].item()), group["update_proj_gap"]
         reset = group.get("moments_on_proj_change", "keep") == "reset"
         if reset and done > 0 and done % gap == 0:  # a new subspace starts at this step
@@ -380,9 +388,10 @@ class _ProjectedAdamW(Optimizer):
         denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         direction = (exp_avg / (1 - beta1**step)) / denom
         update = direction @ proj if tall else proj @ direction
-        p.add_(update.to(p.dtype), alpha=-lr * group["scale"])
+        target = sharded_projection.local_view(p)
+        target.add_(update.to(p.dtype), alpha=-lr * group["scale"])
         if wd != 0:
-            p.mul_(1 - lr * wd)
+            target.mul_(1 - lr * wd)
 
 
 class GaLoreAdamW(_ProjectedAdamW):

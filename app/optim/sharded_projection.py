@@ -1,0 +1,115 @@
+r"""GaLore / GaRare on FSDP2 shards: the projection acts on the whole (short) side.
+
+Under :class:`app.fsdp2.AdapterFSDP2Strategy` a targeted ``p x q`` weight is sharded along
+its long dimension: rows when ``p >= q`` (``Shard(0)``), columns when ``p < q``
+(``Shard(1)``). GaLore and GaRare project on the *short* side (``R = G P^T`` with ``P`` of
+shape ``r x q`` for ``p >= q``, ``R = P^T G`` with ``P`` of shape ``p x r`` otherwise), so:
+
+- the projected gradient ``R``, Adam's moments and the back-projection ``D P`` (or ``P D``)
+  are computed on the local rows (columns) alone: **no collective per step**;
+- GaRare's seeded ``P`` spans the short side, which every rank holds whole: each rank
+  generates the same ``P`` (:func:`app.optim.galore.random_projection`, seeded by the
+  parameter name and the global shape), so no collective at all;
+- GaLore's refresh needs the top-``r`` singular vectors on the short side: the short-side Gram
+  matrix (``G^T G``, ``q x q``, for ``p >= q``; ``G G^T``, ``p x p``, otherwise) is a local
+  product plus **one all-reduce of** ``min(p, q)^2`` floats per targeted weight and refresh
+  (every ``update_proj_gap`` steps); its top-``r`` eigenvectors (replicated ``eigh``) are
+  the wanted singular vectors. Nothing ``p x q`` is gathered. Cost per refresh and weight:
+  ``2 max(p, q)_local min(p, q)^2`` flops (float64), ``8 min(p, q)^2`` bytes all-reduced, one
+  ``min(p, q)`` symmetric eigendecomposition.
+
+Singular vectors are defined up to sign; :func:`sign_fixed` makes every vector's largest
+entry positive so that sharded and single-device refreshes pick the same ``P``.
+
+The moments are kept as ``DTensor`` s with the parameter's placement, so sharded
+(distributed-checkpoint) and full optimizer state dicts save and resume them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["as_state", "check_placement", "gram_projection", "local_view", "reducer",
+           "sign_fixed"]
+
+
+def local_view(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (a view sharing storage), ``t`` otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_placement(name: str, p: Tensor) -> None:
+    """Raise unless ``p`` (a ``DTensor``) is sharded along its long dimension only.
+
+    Raises:
+        ValueError: Naming the parameter, its placement and the strategy to use.
+    """
+    from torch.distributed.tensor import Shard
+
+    long_dim = 0 if p.shape[0] >= p.shape[1] else 1
+    bad = [pl for pl in p.placements
+           if not pl.is_replicate() and not (isinstance(pl, Shard) and pl.dim == long_dim)]
+    if bad:
+        raise ValueError(
+            f"'{name}' of shape {tuple(p.shape)} is sharded as {p.placements}; GaLore / GaRare "
+            "need targeted weights sharded along their long dimension "
+            "(configs/strategy/fsdp2.yaml)")
+
+
+def sign_fixed(vectors: Tensor, dim: int) -> Tensor:
+    """Flip each vector (slices along ``dim``) so that its largest-magnitude entry is positive."""
+    idx = vectors.abs().argmax(dim=dim, keepdim=True)
+    signs = torch.sign(torch.gather(vectors, dim, idx))
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def gram_projection(grad_local: Tensor, rank: int, tall: bool, reduce: Any) -> Tensor:
+    """GaLore's projector from the all-reduced short-side Gram matrix of the local gradient.
+
+    Args:
+        grad_local: This rank's rows (``tall``) or columns of the float32 gradient.
+        rank: ``r``.
+        tall: Whether the global weight has ``p >= q``.
+        reduce: In-place sum over the ranks (``None`` on one device).
+
+    Returns:
+        ``P``: ``r x q`` (orthonormal rows) if ``tall``, else ``p x r`` (orthonormal columns),
+        each singular vector sign-fixed by :func:`sign_fixed`.
+    """
+    g = grad_local.to(torch.float64)  # fp32 Gram entries would drown sigma_i << sigma_1
+    gram = g.T @ g if tall else g @ g.T
+    if reduce is not None:
+        reduce(gram)
+    _, vecs = torch.linalg.eigh(0.5 * (gram + gram.T))
+    top = sign_fixed(vecs[:, -rank:].flip(-1), dim=0).to(torch.float32)
+    return top.T.contiguous() if tall else top.contiguous()
+
+
+def as_state(local: Tensor, like: Tensor, rank: int) -> Tensor:
+    """Wrap a local projected moment as a ``DTensor`` with ``like``'s mesh and placement.
+
+    Its global shape is ``p x r`` for a tall ``p x q`` parameter ``like`` (rows sharded) and
+    ``r x q`` for a wide one (columns sharded); ``local`` itself when ``like`` is whole.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return local
+    p, q = like.shape
+    shape = (p, rank) if p >= q else (rank, q)
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=torch.Size(shape), stride=(shape[1], 1))
+
+
+def reducer(p: Tensor) -> Any:
+    """In-place all-reduce over the group sharding ``p`` (``None`` for a whole tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    from app.manifolds.sharded import AllReduce
+
+    return AllReduce(p.device_mesh.get_group()) if isinstance(p, DTensor) else None
