@@ -184,9 +184,15 @@ def test_optimizer_class_from_a_real_cli_parse(tiny_ckpt, glue_dir, tmp_path) ->
 
 
 def test_sharded_parameters_message_says_what_to_use() -> None:
+    """A DTensor weight sharded across its short side (not FSDP2's long-side layout) is
+    refused, naming the fragment that shards it right."""
+    from torch.distributed.tensor import Shard
+
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor
         pass
 
-    weight = torch.zeros(8, 8).as_subclass(DTensor).requires_grad_()
-    with pytest.raises(ValueError, match=r"sharded DTensor.*use strategy: ddp"):
+    weight = torch.zeros(16, 8).as_subclass(DTensor).requires_grad_()
+    weight.placements = (Shard(1),)  # a tall weight split by columns
+    with pytest.raises(ValueError, match=r"sharded as .*Shard\(dim=1\).*long dimension "
+                                         r".*configs/strategy/fsdp2.yaml"):
         GaRareAdamW([("layer.query.weight", weight)], target_modules=["query"], rank=2)

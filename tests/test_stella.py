@@ -352,7 +352,7 @@ def test_error_for_fp16_amp_and_sharded_strategies() -> None:
     for strategy in (FSDPStrategy(), ModelParallelStrategy()):
         fake = types.SimpleNamespace(strategy=strategy, precision="32-true")
         with pytest.raises(ConfigError, match=rf"trainer.strategy={type(strategy).__name__}.*"
-                                              "use trainer.strategy=ddp"):
+                                              "use FSDP2 \\(configs/strategy/fsdp2.yaml\\)"):
             StellaCallback().setup(fake, module, "fit")
     fake = types.SimpleNamespace(strategy=DDPStrategy(), precision="bf16-mixed")
     StellaCallback().setup(fake, module, "fit")  # DDP and bf16-mixed are fine

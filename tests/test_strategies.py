@@ -144,14 +144,37 @@ def test_galore_garare_allora_refuse_sharding(name: str) -> None:
     strategy = _strategies()[name]
     for cls in (GaLoreAdamW, GaRareAdamW):
         with pytest.raises(ConfigError, match=rf"{cls.__name__} does not support trainer.strategy="
-                                              rf"{name}: .*use trainer.strategy=ddp"):
+                                              rf"{name}: .*configs/strategy/fsdp2.yaml.*"
+                                              rf"trainer.strategy=ddp"):
             check_optimizer_strategy(functools.partial(cls, rank=4), strategy)
     check_optimizer_strategy(functools.partial(torch.optim.AdamW, lr=1e-3), strategy)
     fake = types.SimpleNamespace(strategy=strategy, precision="32-true")
     module = types.SimpleNamespace(adapter=AlloraConfig(r=4, lora_dropout=0.0))
     with pytest.raises(ConfigError, match=rf"AlloraUpdateScaling does not support trainer."
-                                          rf"strategy={name}.*use trainer.strategy=ddp"):
+                                          rf"strategy={name}.*configs/strategy/fsdp2.yaml"):
         AlloraUpdateScaling().setup(fake, module, "fit")
+
+
+def test_fsdp2_strategy_accepts_garare_allora_and_geometry_callbacks() -> None:
+    """configs/strategy/fsdp2.yaml's strategy passes the start-up checks that refuse FSDP1;
+    GaLore's sharded refresh is refused until it reproduces one process."""
+    from app.adapters.lora import AlloraConfig
+    from app.callbacks.allora import AlloraUpdateScaling
+    from app.callbacks.factors import check_strategy
+    from app.fsdp2 import AdapterFSDP2Strategy
+    from app.optim.compat import check_optimizer_strategy
+    from app.optim.galore import GaLoreAdamW, GaRareAdamW
+
+    strategy = AdapterFSDP2Strategy()
+    check_optimizer_strategy(functools.partial(GaRareAdamW, rank=4), strategy)
+    with pytest.raises(ConfigError, match="GaLoreAdamW does not support .*AdapterFSDP2Strategy"
+                                          " yet.*use trainer.strategy=ddp"):
+        check_optimizer_strategy(functools.partial(GaLoreAdamW, rank=4), strategy)
+    fake = types.SimpleNamespace(strategy=strategy, precision="32-true")
+    for owner in ("StellaCallback", "LandingCallback", "AlloraUpdateScaling"):
+        check_strategy(fake, owner)
+    module = types.SimpleNamespace(adapter=AlloraConfig(r=4, lora_dropout=0.0))
+    AlloraUpdateScaling().setup(fake, module, "fit")
 
 
 def test_module_refuses_model_parallel_and_loraplus_under_fsdp(tiny_ckpt) -> None:
