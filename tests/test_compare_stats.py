@@ -63,6 +63,7 @@ def test_report_shows_intervals_separable_and_the_no_learning_floor(tmp_path: Pa
     results = [_run("lora", s, v, 5e-4) for s, v in enumerate((0.80, 0.82, 0.84))]
     results += [_run("stella", s, v, 1e-3) for s, v in enumerate((0.81, 0.84, 0.85))]
     results += [_run("asym", s, v, 2e-3) for s, v in enumerate((0.70, 0.72, 0.74))]
+    results += [_run("garare", s, v) for s, v in enumerate((0.6838, 0.6838, 0.70))]
     reference = {"kind": "majority", "task": "mrpc", "metrics": {"val/score": 0.6838},
                  "train_loss": 0.631, "n_eval": 408, "description": "majority class"}
     files = report.write_report(tmp_path, results, baseline="lora", reference=reference)
@@ -80,6 +81,9 @@ def test_report_shows_intervals_separable_and_the_no_learning_floor(tmp_path: Pa
     # The floor minus the baseline: 0.6838 - (0.80, 0.82, 0.84).
     row = next(line for line in text.splitlines() if line.startswith("| *no learning − lora*"))
     assert "| -0.1362 |" in row and "yes (lower)" in row
+    # A method at the majority class is called out under the table.
+    assert "`garare` r8 on 2 of 3 seeds" in text and "`asym`" not in text.split(
+        "At the no-learning score")[1].split("\n\n")[0]
     payload = json.loads(files["json"].read_text())
     assert payload["reference"]["metrics"]["val/score"] == 0.6838
     pair = next(p for p in payload["paired_differences"]

@@ -225,6 +225,22 @@ def to_markdown(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, An
     return "\n".join(lines) + "\n"
 
 
+def at_floor(results: Sequence[dict[str, Any]], reference: dict[str, Any] | None,
+             metric: str, tol: float = 1e-6) -> list[tuple[str, str, int, int]]:
+    """``(method, rank, seeds at the floor, seeds)`` of every group with a run whose final
+    ``metric`` equals the no-learning score (e.g. predicting the majority class)."""
+    score = ((reference or {}).get("metrics") or {}).get(metric)
+    if score is None:
+        return []
+    out = []
+    for (method, label), runs in _groups(results).items():
+        hits = sum(1 for r in runs if r.get("final") is not None
+                   and abs(r["final"] - score) <= tol)
+        if hits:
+            out.append((method, label, hits, len(runs)))
+    return out
+
+
 # -- files ----------------------------------------------------------------------------------
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -303,6 +319,12 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
     if reference:
         notes += (f"\nNo learning: {reference['description']}; {reference['n_eval']} "
                   "evaluation rows. A method at this score has learned nothing.\n")
+        stuck = at_floor(results, reference, metric)
+        if stuck:
+            notes += ("\n**At the no-learning score at the end of the run** (these rows "
+                      "compare nothing; see the selection table for the rates tried): "
+                      + "; ".join(f"`{m}`{'' if r == '-' else f' r{r}'} on {k} of {n} seeds"
+                                  for m, r, k, n in stuck) + ".\n")
     text = (header.rstrip() + "\n\n" if header else "") + table + notes
     if paired or floor:
         text += (f"\n## Paired differences to `{baseline}`\n\n"
