@@ -14,6 +14,8 @@
 #           GaRare refuse FSDP at start-up by design (they update whole matrices); their
 #           refusal message is listed under the table as a failed run, and the script
 #           treats that refusal as the expected outcome.
+#   fsdp2/  configs/strategy/fsdp2.yaml + bf16.yaml on DEVICES GPUs: every method runs (the
+#           manifold / projection math works on local shards); any failure counts.
 #   ddp/    --strategy ddp + bf16.yaml on DEVICES GPUs, only when DEVICES > 1.
 #
 # Environment overrides: METHODS="full lora stella garare", SEEDS="0", STEPS=300, BATCH=32,
@@ -26,7 +28,7 @@ MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --smoke) MODE=smoke ;;
-    -h|--help) sed -n "2,21p" "$0"; exit 0 ;;
+    -h|--help) sed -n "2,23p" "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --smoke or nothing)" >&2; exit 2 ;;
   esac
 done
@@ -90,6 +92,9 @@ if [ "$MODE" = smoke ]; then
   # FSDP needs CUDA: print the commands the GPU run would make.
   DRY_RUN=1 stage fsdp "FSDP, bf16-mixed" --devices 1 -- \
     configs/strategy/fsdp.yaml configs/strategy/bf16.yaml || status=$?
+  # FSDP2 runs on CPU too (tests/test_fsdp2.py); here only the commands, like FSDP.
+  DRY_RUN=1 stage fsdp2 "FSDP2, bf16-mixed" --devices 1 -- \
+    configs/strategy/fsdp2.yaml configs/strategy/bf16.yaml || status=$?
   exit "$status"
 fi
 
@@ -113,6 +118,9 @@ for f in failed:
 sys.exit(1 if unexpected else 0)
 EOF
 fi
+
+stage fsdp2 "FSDP2 on $DEVICES GPU(s), bf16-mixed" --devices "$DEVICES" -- \
+  configs/strategy/fsdp2.yaml configs/strategy/bf16.yaml || status=$?
 
 if [ "$DEVICES" -gt 1 ]; then
   stage ddp "DDP on $DEVICES GPUs, bf16-mixed" --devices "$DEVICES" --strategy ddp -- \
