@@ -51,7 +51,7 @@ for arg in "$@"; do
   case "$arg" in
     --gpu) MODE=gpu ;;
     --smoke) MODE=smoke ;;
-    -h|--help) sed -n "2,48p" "$0"; exit 0 ;;
+    -h|--help) sed -n "2,45p" "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --gpu, --smoke or nothing)" >&2; exit 2 ;;
   esac
 done
