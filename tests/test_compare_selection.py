@@ -15,7 +15,13 @@ from tiny import write_yaml
 
 from app.compare import cli
 from app.compare.plan import build_plan
-from app.compare.select import fragment_lr_grid, method_grids, select_rates, selection_plan
+from app.compare.select import (
+    check_holdout_support,
+    fragment_lr_grid,
+    method_grids,
+    select_rates,
+    selection_plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -133,6 +139,9 @@ def test_grid_errors_and_tie_breaks(tmp_path: Path) -> None:
         fragment_lr_grid(bad)
     with pytest.raises(ValueError, match="--lrs"):
         method_grids([bare], [0.0])
+    check_holdout_support([ROOT / "configs/data/glue_mrpc.yaml"])
+    with pytest.raises(ValueError, match="holdout_seed"):  # images: no seeded slice option
+        check_holdout_support([ROOT / "configs/data/pacs.yaml"])
 
     base = tmp_path / "base.yaml"
     base.write_text("model:\n  init_args: {}\n")

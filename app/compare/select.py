@@ -87,7 +87,8 @@ def method_grids(methods: Sequence[str | Path], lrs: Sequence[float] | None
 
 
 def check_holdout_support(base: Sequence[str | Path]) -> None:
-    """Raise ``ValueError`` unless the base config's data module has ``holdout_fraction``."""
+    """Raise ``ValueError`` unless the base config's data module takes ``holdout_fraction``
+    and ``holdout_seed`` (the GLUE data module does)."""
     import importlib
 
     data = load_fragments(base).get("data") or {}
@@ -98,9 +99,11 @@ def check_holdout_support(base: Sequence[str | Path]) -> None:
     except (ImportError, AttributeError, ValueError):
         raise ValueError(f"--select-lr: cannot import the data module {path!r} of --base "
                          "to check that it can hold out part of the training set") from None
-    if "holdout_fraction" not in inspect.signature(cls).parameters:
-        raise ValueError(f"--select-lr: {path} has no holdout_fraction option, so selection "
-                         "would have to read the dev set; select the rates elsewhere and pass "
+    params = inspect.signature(cls).parameters
+    if "holdout_fraction" not in params or "holdout_seed" not in params:
+        raise ValueError(f"--select-lr: {path} has no holdout_fraction / holdout_seed options "
+                         "(a seeded held-out slice of the training set), so selection would "
+                         "have to read the reported split; select the rates elsewhere and pass "
                          f"them with {LR_OPTION} in --extra")
 
 
