@@ -88,7 +88,8 @@ class Runner:
                                            adapter=adapter)
         self.module.configure_model()
         self.module.to(self.device).train()
-        self.optimizer = optimizer_factory(self.module.parameter_groups())
+        self.optimizer = self.module.method.build_optimizer(
+            self.module.model, optimizer_factory, self.module.parameter_groups())
         trainer = types.SimpleNamespace(optimizers=[self.optimizer], precision="32-true",
                                         strategy=SingleDeviceStrategy(self.device))
         for callback in self.callbacks:

@@ -56,14 +56,14 @@ def method_parts(method: str, rank: int) -> tuple[Any, Any, float | None]:
     if init.get("adapter"):
         args = dict(init["adapter"].get("init_args") or {})
         args["r"] = rank
-        if args.get("lora_alpha") is not None and method != "allora":
+        if args.get("lora_alpha") is not None:  # null where the method fixes it (ALLoRA: = r)
             args["lora_alpha"] = 2 * rank  # the fragments' alpha / r = 2
         adapter = _import(init["adapter"]["class_path"])(**args)
     opt_args = dict(init["optimizer"].get("init_args") or {})
     if "rank" in opt_args:
         opt_args["rank"] = rank
     factory = partial(_import(init["optimizer"]["class_path"]), **opt_args)
-    eta = getattr(adapter, "eta", None) if method == "allora" else None
+    eta = getattr(adapter, "eta", None)  # an update scaling's rate, declared on the adapter
     return adapter, factory, eta
 
 
@@ -86,7 +86,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                                   adapter=adapter, optimizer=factory)
     module.configure_model()
     model = module.model.to(device).train()
-    optimizer = module.optimizer_factory(module.parameter_groups())
+    optimizer = module.method.build_optimizer(module.model, module.optimizer_factory,
+                                              module.parameter_groups())
     if eta is not None:
         AlloraUpdateScaling().attach(model, [optimizer], eta)
 

@@ -98,9 +98,22 @@ if [ "$MODE" = smoke ]; then
   exit "$status"
 fi
 
-# Methods that refuse FSDP at start-up by design (README, "Strategies and several nodes"); under
-# FSDP their refusal is the expected outcome, any other failure counts.
-FSDP_REFUSERS="stella manifold_stiefel manifold_sphere allora loraplus galore garare"
+# Methods whose declaration (MethodSpec.strategies, app/adapters/contract.py) excludes FSDP
+# refuse it at start-up by design; under FSDP their refusal is the expected outcome, any other
+# failure counts.
+FSDP_REFUSERS=$("$PYTHON" - <<'EOF'
+from pathlib import Path
+
+from app.adapters import declared_spec
+from app.compare.plan import _class_of, load_fragments
+
+for path in sorted(Path("configs/methods").glob("*.yaml")):
+    args = load_fragments([path])["model"]["init_args"]
+    spec = declared_spec(_class_of(args.get("adapter")), _class_of(args.get("optimizer")))
+    if "fsdp" not in spec.strategies:
+        print(path.stem)
+EOF
+)
 code=0
 stage fsdp "FSDP on $DEVICES GPU(s), bf16-mixed" --devices "$DEVICES" -- \
   configs/strategy/fsdp.yaml configs/strategy/bf16.yaml || code=$?

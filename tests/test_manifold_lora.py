@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import types
@@ -44,7 +45,7 @@ def test_config_is_checked() -> None:
         _adapter(use_dora=True)
     with pytest.raises(ConfigError, match="init_lora_weights='pissa'"):
         _adapter(init_lora_weights="pissa")
-    assert _adapter().no_decay_patterns == ("lora_B",)
+    assert type(_adapter()).spec.no_decay == ("lora_B",)
 
 
 @pytest.mark.parametrize("manifold", ["stiefel", "sphere"])
@@ -260,7 +261,8 @@ def test_startup_errors(tiny_ckpt, glue_dir: Path, tmp_path: Path,
     from peft import LoraConfig
 
     ckpt = tiny_ckpt("bert")
-    fails_before_training(ckpt, glue_dir, tmp_path, _adapter("sphere"), [LandingCallback()],
+    fails_before_training(ckpt, glue_dir, tmp_path, _adapter("sphere"),
+                           [LandingCallback(manifold="stiefel")],
                            r"LandingCallback manifold='stiefel' but the adapter's model\."
                            r"init_args\.adapter\.init_args\.manifold='sphere'")
     fails_before_training(ckpt, glue_dir, tmp_path, LoraConfig(r=4), [LandingCallback()],
@@ -276,7 +278,8 @@ def test_startup_errors(tiny_ckpt, glue_dir: Path, tmp_path: Path,
         precision="32-true")
     with pytest.raises(ConfigError, match="does not support trainer.strategy=FSDPStrategy"):
         LandingCallback().setup(fake, types.SimpleNamespace(), "fit")
-    monkeypatch.setattr(ManifoldLoraConfig, "no_decay_patterns", ())
+    monkeypatch.setattr(ManifoldLoraConfig, "spec",
+                        dataclasses.replace(ManifoldLoraConfig.spec, no_decay=()))
     fails_before_training(ckpt, glue_dir, tmp_path, _adapter(), [LandingCallback()],
                            r"applies weight_decay=0.01 to constrained factor .*lora_B")
 

@@ -93,8 +93,8 @@ def test_pissa_export_is_plain_lora_on_original_base(tiny_ckpt, glue_dir: Path,
 
 
 def test_loraplus_learning_rates(tiny_ckpt, glue_dir: Path, tmp_path: Path) -> None:
-    cli, _ = fit(tmp_path, tiny_ckpt("bert"), glue_dir, lora(),
-                 "--model.init_args.loraplus_lr_ratio", "16")
+    plus = {**lora(loraplus_lr_ratio=16), "class_path": "app.adapters.loraplus.LoraPlusConfig"}
+    cli, _ = fit(tmp_path, tiny_ckpt("bert"), glue_dir, plus)
     optimizer = cli.trainer.optimizers[0]
     ids = {id(p): n for n, p in cli.model.model.named_parameters()}
     lrs: dict[str, set[float]] = {"A": set(), "B": set()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 from ddp_dump import fails_before_training, fit_tiny, run_two_ranks
 from tiny import glue_run_config, tiny_config
 
+from app.adapters import adapter_state_keys
 from app.adapters.stella import StellaConfig, StellaLinear
 from app.callbacks.factors import tall
 from app.callbacks.stella import StellaCallback
@@ -87,7 +89,10 @@ def test_apply_targets_heads_and_seeded_init() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if "stella_" in n or n.startswith("classifier.")}
     assert any(n.startswith("classifier.") for n in trainable)
-    assert model.adapter_state_markers == ("stella_",)
+    assert StellaConfig.spec.state_markers == ("stella_",)  # declared, not set on the model
+    assert not hasattr(model, "adapter_state_markers") and not hasattr(model, "stella_head_modules")
+    kept = adapter_state_keys(model, StellaConfig.spec)
+    assert {k for k in model.state_dict() if "stella_" in k} <= kept
     layer = model.get_submodule(wrapped[0])
     eye = torch.eye(4)
     torch.testing.assert_close(layer.stella_U.weight.T @ layer.stella_U.weight, eye)
@@ -256,7 +261,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_ckpt, glue_dir: Path, tmp_path
     saved = torch.load(path, map_location="cpu", weights_only=False)
     assert saved["state_dict"] and all("stella_" in k or "classifier" in k or ".pooler." in k
                                        for k in saved["state_dict"])
-    assert saved["callbacks"]["StellaCallback"] == {"num_steps": 6}
+    assert saved["callbacks"][whole_cb.state_key] == {"num_steps": 6}
     resumed_cb = StellaCallback()
     _, resumed = fit_tiny(ckpt, glue_dir, tmp_path / "b", _stella(dropout=0.1), [resumed_cb],
                           max_steps=12, ckpt_path=str(path))
@@ -360,7 +365,7 @@ def test_error_for_fp16_amp_and_sharded_strategies() -> None:
 
 def test_error_when_the_factors_get_weight_decay(tiny_ckpt, glue_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(StellaConfig, "no_decay_patterns", ())
+    monkeypatch.setattr(StellaConfig, "spec", dataclasses.replace(StellaConfig.spec, no_decay=()))
     fails_before_training(tiny_ckpt("bert"), glue_dir, tmp_path, _stella(), [StellaCallback()],
                            r"applies weight_decay=0.01 to constrained factor .*stella_")
 

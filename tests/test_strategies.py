@@ -136,10 +136,14 @@ def _strategies() -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "AdapterFSDPStrategy", "ModelParallelStrategy"])
 def test_galore_garare_allora_refuse_sharding(name: str) -> None:
+    from app.adapters import resolve_method
+    from app.adapters.checks import check_strategy
     from app.adapters.lora import AlloraConfig
     from app.callbacks.allora import AlloraUpdateScaling
-    from app.optim.compat import check_optimizer_strategy
     from app.optim.galore import GaLoreAdamW, GaRareAdamW
+
+    def check_optimizer_strategy(factory: Any, strategy: Any) -> None:
+        check_strategy(resolve_method(None, factory).spec, strategy)
 
     strategy = _strategies()[name]
     for cls in (GaLoreAdamW, GaRareAdamW):
@@ -158,12 +162,17 @@ def test_galore_garare_allora_refuse_sharding(name: str) -> None:
 def test_fsdp2_strategy_accepts_garare_allora_and_geometry_callbacks() -> None:
     """configs/strategy/fsdp2.yaml's strategy passes the start-up checks that refuse FSDP1;
     GaLore's sharded refresh is refused until it reproduces one process."""
+    from app.adapters import resolve_method
+    from app.adapters.checks import check_strategy, check_trainer
     from app.adapters.lora import AlloraConfig
+    from app.adapters.manifold_lora import ManifoldLoraConfig
+    from app.adapters.stella import StellaConfig
     from app.callbacks.allora import AlloraUpdateScaling
-    from app.callbacks.factors import check_strategy
     from app.fsdp2 import AdapterFSDP2Strategy
-    from app.optim.compat import check_optimizer_strategy
     from app.optim.galore import GaLoreAdamW, GaRareAdamW
+
+    def check_optimizer_strategy(factory: Any, strategy: Any) -> None:
+        check_strategy(resolve_method(None, factory).spec, strategy)
 
     strategy = AdapterFSDP2Strategy()
     check_optimizer_strategy(functools.partial(GaRareAdamW, rank=4), strategy)
@@ -171,8 +180,8 @@ def test_fsdp2_strategy_accepts_garare_allora_and_geometry_callbacks() -> None:
                                           " yet.*use trainer.strategy=ddp"):
         check_optimizer_strategy(functools.partial(GaLoreAdamW, rank=4), strategy)
     fake = types.SimpleNamespace(strategy=strategy, precision="32-true")
-    for owner in ("StellaCallback", "LandingCallback", "AlloraUpdateScaling"):
-        check_strategy(fake, owner)
+    for config in (StellaConfig, ManifoldLoraConfig, AlloraConfig):  # each callback's method
+        check_trainer(config.spec, fake)
     module = types.SimpleNamespace(adapter=AlloraConfig(r=4, lora_dropout=0.0))
     AlloraUpdateScaling().setup(fake, module, "fit")
 
@@ -189,10 +198,10 @@ def test_module_refuses_model_parallel_and_loraplus_under_fsdp(tiny_ckpt) -> Non
     with pytest.raises(ConfigError, match=r"does not support trainer.strategy=ModelParallelStrategy"
                                           r" .*use FSDP2 through configs/strategy/fsdp2.yaml"):
         lora.check_strategy(_strategies()["ModelParallelStrategy"])
-    from peft import LoraConfig
+    from app.adapters.loraplus import LoraPlusConfig
 
-    plus = ClassificationModule(checkpoint=ckpt, adapter=LoraConfig(**LORA_TINY),
-                                loraplus_lr_ratio=16.0)
+    plus = ClassificationModule(checkpoint=ckpt,
+                                adapter=LoraPlusConfig(**LORA_TINY, loraplus_lr_ratio=16.0))
     plus.check_strategy(DDPStrategy())
     with pytest.raises(ConfigError, match=r"loraplus_lr_ratio \(LoRA\+\) does not support "
                                           r"trainer.strategy=AdapterFSDPStrategy"):

@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from app.adapters.stella import StellaConfig
-from app.adapters.targets import default_query_value_targets, fill_default_targets
+from app.adapters.targets import default_query_value_targets, with_default_targets
 from app.errors import ConfigError
 
 
@@ -45,26 +45,27 @@ class _Mystery(torch.nn.Module):
 
 @pytest.mark.parametrize("make", [lambda: LoraConfig(r=4), lambda: StellaConfig(r=4)])
 def test_vit_null_targets_become_q_v_proj(make) -> None:
-    adapter = make()
-    fill_default_targets(_vit(), adapter)
+    given = make()
+    adapter = with_default_targets(_vit(), given)
     assert list(adapter.target_modules) == ["q_proj", "v_proj"]
+    assert given.target_modules is None  # the user's config is not changed
 
 
 def test_peft_table_and_explicit_targets_are_left_alone() -> None:
     bert = LoraConfig(r=4)
-    fill_default_targets(_bert_qa(), bert)  # "bert" is in PEFT's table: PEFT resolves it
+    bert = with_default_targets(_bert_qa(), bert)  # "bert" is in PEFT's table: PEFT resolves it
     assert bert.target_modules is None
     listed = StellaConfig(r=4, target_modules=["q_proj"])
-    fill_default_targets(_vit(), listed)
+    assert with_default_targets(_vit(), listed) is listed
     assert listed.target_modules == ["q_proj"]
-    fill_default_targets(_vit(), None)  # full fine-tuning: nothing to fill
+    assert with_default_targets(_vit(), None) is None  # full fine-tuning: nothing to fill
 
 
 def test_unknown_model_without_query_value_is_a_config_error() -> None:
     assert default_query_value_targets(_Mystery()) is None
     with pytest.raises(ConfigError, match=r"target_modules is null.*'mystery'.*_Mystery.*"
                                           r"list target_modules explicitly"):
-        fill_default_targets(_Mystery(), LoraConfig(r=4))
+        with_default_targets(_Mystery(), LoraConfig(r=4))
 
 
 def test_query_value_pairs_are_found_on_bert_names() -> None:

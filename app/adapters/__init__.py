@@ -1,38 +1,90 @@
-"""How a base model gets its trainable part.
+"""How a base model gets its trainable part: the method contract and its resolution.
 
-:func:`apply_adapter` is the single entry point the task modules call. ``adapter`` is
-``None`` (full fine-tuning), any ``peft.PeftConfig`` (LoRA and its PEFT variants: rsLoRA,
-DoRA, PiSSA / OLoRA init; also our LoRA-family configs that subclass ``LoraConfig``), or one of
-this package's own configs (:class:`AdapterConfig` subclasses, e.g. StelLA).
+Every method implements :class:`app.adapters.contract.Method` once (see that module for the
+contract). :func:`resolve_method` turns the YAML's ``model.init_args.adapter`` and
+``model.init_args.optimizer`` into the method object the task modules use:
+
+- ``None`` adapter: :class:`app.adapters.full.FullWeights` (full fine-tuning, or the
+  optimizer's own declaration for GaLore / GaRare);
+- any ``peft.PeftConfig`` (LoRA and its PEFT variants, our ``LoraConfig`` subclasses):
+  :class:`app.adapters.peft_family.PeftMethod`;
+- one of this package's :class:`~app.adapters.contract.AdapterConfig` (StelLA): itself.
+
+:func:`declared_spec` gives the same declaration from the classes alone (the comparison tool
+reads fragments without building anything).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel
 
+from app.adapters.contract import AdapterConfig, Method, MethodSpec
+from app.adapters.full import FULL_SPEC, FullWeights
+from app.adapters.peft_family import PeftMethod, peft_spec
+from app.adapters.targets import check_target_modules, linear_module_names
 from app.errors import ConfigError
 
+__all__ = [
+    "AdapterConfig",
+    "Method",
+    "adapter_state_keys",
+    "check_adapter",
+    "declared_spec",
+    "head_module_names",
+    "linear_module_names",
+    "resolve_method",
+]
 
-@dataclass
-class AdapterConfig:
-    """Base class of the project's own (non-PEFT) adapter configs.
+_ADAPTER = "model.init_args.adapter"
 
-    Subclasses implement :meth:`apply`; ``no_decay_patterns`` name parameters that must be
-    kept out of weight decay (e.g. Stiefel factors).
+
+def declared_spec(adapter_cls: type | None, optimizer_cls: type | None = None) -> MethodSpec:
+    """The :class:`~app.adapters.contract.MethodSpec` of a method given by its classes.
+
+    Args:
+        adapter_cls: The adapter config class (``None``: ``adapter: null``).
+        optimizer_cls: The optimizer class, if known.
     """
+    if adapter_cls is not None:
+        if issubclass(adapter_cls, PeftConfig):
+            return peft_spec(adapter_cls)
+        spec = getattr(adapter_cls, "spec", None)
+        if not isinstance(spec, MethodSpec):
+            raise ConfigError(f"{_ADAPTER}: {adapter_cls.__name__} is neither a peft.PeftConfig "
+                              "nor an app.adapters.AdapterConfig")
+        return spec
+    spec = getattr(optimizer_cls, "spec", None) if optimizer_cls is not None else None
+    return spec if isinstance(spec, MethodSpec) else FULL_SPEC
 
-    def apply(self, model: torch.nn.Module, head_modules: list[str]) -> torch.nn.Module:
-        """Freeze the base, add the adapter, keep ``head_modules`` trainable; return the model."""
-        raise NotImplementedError
 
-    def target_patterns(self) -> list[str] | str | None:
-        """The target module names or regex, for validation before the model is loaded."""
-        return None
+def resolve_method(adapter: object | None, optimizer: Any = None) -> Method:
+    """The :class:`~app.adapters.contract.Method` of a run.
+
+    Args:
+        adapter: ``model.init_args.adapter`` (``None``, a ``PeftConfig`` or an
+            :class:`AdapterConfig`).
+        optimizer: ``model.init_args.optimizer`` (an ``OptimizerCallable``), for methods that
+            live in the optimizer.
+
+    Raises:
+        ConfigError: An adapter of an unknown kind, or an adapter with a full-weight
+            optimizer (GaLore / GaRare).
+    """
+    from app.optim.compat import check_optimizer_adapter, optimizer_class  # app.optim imports us
+
+    check_optimizer_adapter(optimizer, adapter)
+    if adapter is None:
+        cls = optimizer_class(optimizer) if optimizer is not None else None
+        return FullWeights(declared_spec(None, cls))
+    if isinstance(adapter, PeftConfig):
+        return PeftMethod(adapter)
+    if isinstance(adapter, AdapterConfig):
+        return adapter
+    raise ConfigError(f"{_ADAPTER}: {type(adapter).__name__} is neither a peft.PeftConfig "
+                      "nor an app.adapters.AdapterConfig")
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:
@@ -57,101 +109,23 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
     return heads
 
 
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+def check_adapter(model: torch.nn.Module, method: Method) -> None:
+    """Validate a method's targets against a (meta-device) base model before training."""
+    check_target_modules(model, method.target_patterns(), f"{_ADAPTER}.init_args.target_modules")
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Names of all ``nn.Linear`` modules (works on a meta-device model)."""
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def check_target_modules(
-    model: torch.nn.Module, targets: Iterable[str] | str | None, option: str
-) -> None:
-    """Raise a clear error if ``targets`` match no module of ``model``.
-
-    Follows PEFT's matching: a string is a full-match regex over module names; a list entry
-    matches a module whose name equals it or ends with ``.entry``.
-
-    Args:
-        model: The base model (a meta-device copy is enough).
-        targets: ``target_modules`` as given by the user (``None``: nothing to check).
-        option: The config key to name in the message.
-    """
-    if targets is None or targets == "all-linear":
-        return
-    names = [n for n, _ in model.named_modules() if n]
-    if isinstance(targets, str):
-        unmatched = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
-    else:
-        unmatched = [t for t in targets if not any(_matches(n, t) for n in names)]
-    if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
-        raise ConfigError(
-            f"{option}: {sorted(unmatched)} match no module of {type(model).__name__}; "
-            f"linear layers in this model are named {leaves[:12]}"
-        )
-
-
-def check_adapter(model: torch.nn.Module, adapter: object | None) -> None:
-    """Validate an adapter config against a (meta-device) base model before training."""
-    if adapter is None:
-        return
-    if isinstance(adapter, PeftConfig):
-        check_target_modules(model, getattr(adapter, "target_modules", None),
-                             "model.init_args.adapter.init_args.target_modules")
-    elif isinstance(adapter, AdapterConfig):
-        check_target_modules(model, adapter.target_patterns(),
-                             "model.init_args.adapter.init_args.target_modules")
-    else:
-        raise ConfigError(
-            f"model.init_args.adapter: {type(adapter).__name__} is neither a peft.PeftConfig "
-            "nor an app.adapters.AdapterConfig"
-        )
-
-
-def apply_adapter(
-    model: torch.nn.Module, adapter: object | None, head_modules: list[str]
-) -> torch.nn.Module:
-    """Return ``model`` ready for training with ``adapter``.
-
-    Args:
-        model: A loaded Hugging Face model.
-        adapter: ``None`` for full fine-tuning, a ``PeftConfig``, or an :class:`AdapterConfig`.
-        head_modules: Task-head module names that are always trained (PEFT stores them as
-            ``modules_to_save``).
-
-    Returns:
-        The model itself (full fine-tuning), a ``PeftModel``, or the model with our layers.
-    """
-    check_adapter(model, adapter)
-    if adapter is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if isinstance(adapter, PeftConfig):
-        saved = list(getattr(adapter, "modules_to_save", None) or [])
-        adapter.modules_to_save = sorted(set(saved) | set(head_modules))
-        peft_model = get_peft_model(model, adapter)
-        initialize = getattr(adapter, "initialize", None)
-        if callable(initialize):  # our LoRA-family configs re-initialise / freeze factors
-            initialize(peft_model)
-        return peft_model
-    return adapter.apply(model, head_modules)
-
-
-def adapter_state_keys(model: torch.nn.Module) -> set[str]:
+def adapter_state_keys(model: torch.nn.Module, spec: MethodSpec) -> set[str]:
     """Names in ``model.state_dict()`` that a checkpoint must hold.
 
     Everything trainable, plus adapter tensors that are frozen but not part of the pretrained
-    base (e.g. Asymmetric LoRA's fixed ``A``). The frozen pretrained weights are excluded:
-    they are reloaded from the checkpoint source.
+    base (e.g. Asymmetric LoRA's fixed ``A``; our own layers by ``spec.state_markers``). The
+    frozen pretrained weights are excluded: they are reloaded from the checkpoint source.
     """
     keys = {n for n, p in model.named_parameters() if p.requires_grad}
     if isinstance(model, PeftModel):
         prefix = model.base_model.prefix
         keys |= {k for k in model.state_dict() if prefix in k or "modules_to_save" in k}
-    markers = getattr(model, "adapter_state_markers", ())
-    keys |= {k for k in model.state_dict() if any(m in k for m in markers)}
+    markers = spec.state_markers
+    if markers:
+        keys |= {k for k in model.state_dict() if any(m in k for m in markers)}
     return keys

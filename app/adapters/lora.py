@@ -12,15 +12,17 @@ PEFT's ``lora_A.weight`` is ``r x in``, ``lora_B.weight`` is ``out x r``, ``dW =
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from app.adapters.contract import ROWWISE, ROWWISE_REASON, Constraint, MethodSpec
+from app.adapters.peft_family import LoraFamilyConfig
+from app.draws import random_orthonormal, seed_of
 from app.errors import ConfigError
 
 __all__ = [
@@ -32,7 +34,6 @@ __all__ = [
 ]
 
 _OPTION = "model.init_args.adapter.init_args"
-_MASK64 = (1 << 64) - 1
 
 
 def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
@@ -53,26 +54,16 @@ def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer, str]]:
                 yield name, module, adapter
 
 
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: every output bit depends on every input bit."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def factor_seed(init_seed: int, name: str) -> int:
     """Generator seed of one layer's frozen factor, from the run seed and the layer name.
 
-    ``mix64(mix64(init_seed) ^ crc32(name))`` (splitmix64 finaliser, ``zlib.crc32``; never
-    Python's salted ``hash``): the same on every data-parallel rank, in every process and after
-    a restart, and different for every layer. The mixing matters: torch's CPU generator
-    (mt19937) keeps only the low 32 bits of its seed, so ``init_seed`` must reach them.
+    :func:`app.draws.seed_of` ``(init_seed, name)``: the same on every data-parallel rank, in
+    every process and after a restart, and different for every layer.
 
     Returns:
         A seed in ``[0, 2**63)``.
     """
-    return _mix64(_mix64(init_seed) ^ zlib.crc32(name.encode("utf-8"))) & ((1 << 63) - 1)
+    return seed_of(init_seed, name)
 
 
 def draw_frozen_factor(
@@ -80,8 +71,9 @@ def draw_frozen_factor(
 ) -> torch.Tensor:
     r"""A tall ``n x r`` float32 matrix ``X`` for a frozen LoRA factor.
 
-    * ``orthonormal``: ``X = Q`` of ``torch.linalg.qr(Z)``, ``Z ~ N(0, 1)^{n x r}``, with the
-      signs of ``diag(R)`` folded into ``Q`` (Haar-distributed, unique); ``X^T X = I_r``.
+    * ``orthonormal``: :func:`app.draws.random_orthonormal`, ``X = Q`` of
+      ``torch.linalg.qr(Z)``, ``Z ~ N(0, 1)^{n x r}``, with the signs of ``diag(R)`` folded
+      into ``Q`` (Haar-distributed, unique); ``X^T X = I_r``.
     * ``gaussian``: ``X = Z / sqrt(n)``, so ``E[X^T X] = I_r`` (same scale as orthonormal).
 
     Args:
@@ -90,11 +82,9 @@ def draw_frozen_factor(
         kind: ``"orthonormal"`` or ``"gaussian"``.
         generator: A seeded CPU generator (CPU draws are the same on every machine).
     """
-    z = torch.randn(n, r, generator=generator, dtype=torch.float32)
     if kind == "gaussian":
-        return z / math.sqrt(n)
-    q, rmat = torch.linalg.qr(z)
-    return q * torch.where(torch.diagonal(rmat) < 0, -1.0, 1.0)
+        return torch.randn(n, r, generator=generator, dtype=torch.float32) / math.sqrt(n)
+    return random_orthonormal(n, r, generator)
 
 
 def _freeze_factor(layer: LoraLayer, adapter: str, factor: str) -> None:
@@ -107,7 +97,7 @@ def _freeze_factor(layer: LoraLayer, adapter: str, factor: str) -> None:
 
 
 @dataclass
-class AsymmetricLoraConfig(LoraConfig):
+class AsymmetricLoraConfig(LoraFamilyConfig):
     r"""Asymmetric LoRA: one factor random and frozen, the other zero-initialised and trained.
 
     Zhu et al., "Asymmetry in Low-Rank Adapters of Foundation Models", ICML 2024. With
@@ -151,7 +141,16 @@ class AsymmetricLoraConfig(LoraConfig):
     )
 
     #: Fields of ours, left out of the exported ``adapter_config.json`` (plain LoRA).
-    _own_fields = ("frozen_factor", "frozen_init", "init_seed")
+    _own_fields: ClassVar[tuple[str, ...]] = ("frozen_factor", "frozen_init", "init_seed")
+    #: Plain LoRA's declaration: every strategy and precision, rank ``r``, PEFT export.
+    spec: ClassVar[MethodSpec] = MethodSpec(name="Asymmetric LoRA", rank_field="adapter.r")
+
+    def constraint(self) -> Constraint | None:
+        """The frozen orthonormal factor (tall view ``A^T`` or ``B``) on the Stiefel manifold,
+        held there by not training it; ``None`` for a Gaussian frozen factor."""
+        if self.frozen_init != "orthonormal":
+            return None
+        return Constraint(factors=(f"lora_{self.frozen_factor}",), manifold="stiefel")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,10 +169,6 @@ class AsymmetricLoraConfig(LoraConfig):
         if self.use_dora:
             raise ConfigError(f"{_OPTION}.use_dora: Asymmetric LoRA is plain LoRA with a frozen "
                               "factor; set use_dora: false")
-
-    def to_dict(self) -> dict[str, Any]:
-        """PEFT's dict without our fields: the exported adapter is a standard LoRA config."""
-        return {k: v for k, v in asdict(self).items() if k not in self._own_fields}
 
     def initialize(self, peft_model: torch.nn.Module) -> None:
         """Draw and freeze the frozen factor, zero and train the other, in every LoRA layer.
@@ -215,7 +210,7 @@ class AsymmetricLoraConfig(LoraConfig):
 
 
 @dataclass
-class AlloraConfig(LoraConfig):
+class AlloraConfig(LoraFamilyConfig):
     r"""ALLoRA: LoRA without dropout and without scaling, trained with an adaptive step size.
 
     Huang and Balestriero, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws", 2024
@@ -247,7 +242,13 @@ class AlloraConfig(LoraConfig):
                           "update of dW matches LoRA at that setting."},
     )
 
-    _own_fields = ("eta",)
+    _own_fields: ClassVar[tuple[str, ...]] = ("eta",)
+    #: The update scaling is :class:`app.callbacks.allora.AlloraUpdateScaling` (added by the
+    #: task module when the YAML does not list it); row norms need whole factors.
+    spec: ClassVar[MethodSpec] = MethodSpec(
+        name="ALLoRA", rank_field="adapter.r", strategies=ROWWISE,
+        strategy_owner="AlloraUpdateScaling", strategy_reason=ROWWISE_REASON,
+        callbacks=("app.callbacks.allora.AlloraUpdateScaling",))
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
@@ -271,6 +272,3 @@ class AlloraConfig(LoraConfig):
         if problems:
             raise ConfigError(f"ALLoRA ({_OPTION}): " + "; ".join(problems))
 
-    def to_dict(self) -> dict[str, Any]:
-        """PEFT's dict without ``eta``: the exported adapter is a standard LoRA config."""
-        return {k: v for k, v in asdict(self).items() if k not in self._own_fields}

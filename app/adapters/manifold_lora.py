@@ -8,7 +8,7 @@ The adapter is plain PEFT LoRA, :math:`\Delta W = s\, B A` with ``lora_B.weight`
 
 - ``B`` orthonormal, :math:`B^T B = I_r`: QR of a Gaussian drawn from a generator seeded
   with ``init_seed`` (identical on every data-parallel rank), with the sign fix of
-  :func:`app.manifolds.stiefel.random_orthonormal`;
+  :func:`app.draws.random_orthonormal`;
 - ``A = 0``, so :math:`\Delta W = 0` at the start (LoRA's own ``B = 0`` is not on the manifold).
 
 The ``"sphere"`` variant (oblique manifold: every column of ``B`` has unit norm) uses the same
@@ -22,13 +22,20 @@ adapter is ordinary LoRA (PEFT's own ``save_pretrained``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from peft import LoraConfig
 
+from app.adapters.contract import (
+    FP32_MASTER_PRECISIONS,
+    ROWWISE,
+    ROWWISE_REASON,
+    Constraint,
+    MethodSpec,
+)
+from app.adapters.peft_family import LoraFamilyConfig
+from app.draws import random_orthonormal
 from app.errors import ConfigError
-from app.manifolds.stiefel import random_orthonormal
 
 __all__ = ["ManifoldLoraConfig"]
 
@@ -36,7 +43,7 @@ _OPTION = "model.init_args.adapter.init_args"
 
 
 @dataclass
-class ManifoldLoraConfig(LoraConfig):
+class ManifoldLoraConfig(LoraFamilyConfig):
     """``peft.LoraConfig`` plus the Manifold-LoRA init; train with ``LandingCallback``.
 
     All ``LoraConfig`` options apply (``r``, ``lora_alpha``, ``target_modules``,
@@ -44,9 +51,14 @@ class ManifoldLoraConfig(LoraConfig):
     weights (PiSSA, OLoRA, LoftQ, ...), which are refused: :meth:`initialize` overwrites both
     factors.
 
+    Declaration (:mod:`app.adapters.contract`): ``B`` is constrained to ``manifold`` by
+    :class:`app.callbacks.landing.LandingCallback`, which reads the manifold and the factor
+    names from :meth:`constraint` (added by the task module when the YAML does not list it);
+    ``B`` is kept out of weight decay; single device or DDP; fp32 master weights; rank ``r``;
+    plain PEFT LoRA export.
+
     Args:
-        manifold: ``"stiefel"`` (``B^T B = I``) or ``"sphere"`` (unit-norm columns of ``B``);
-            must equal the ``LandingCallback``'s ``manifold``.
+        manifold: ``"stiefel"`` (``B^T B = I``) or ``"sphere"`` (unit-norm columns of ``B``).
         init_seed: Seed of ``B``'s orthonormal init (its own generator).
     """
 
@@ -56,10 +68,13 @@ class ManifoldLoraConfig(LoraConfig):
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of B's orthonormal init."})
 
-    #: ``B`` is kept out of weight decay by :class:`app.modules.adapted.AdaptedModule`.
-    no_decay_patterns: ClassVar[tuple[str, ...]] = ("lora_B",)
+    spec: ClassVar[MethodSpec] = MethodSpec(
+        name="Manifold-LoRA", rank_field="adapter.r", strategies=ROWWISE,
+        strategy_owner="LandingCallback", strategy_reason=ROWWISE_REASON,
+        precisions=FP32_MASTER_PRECISIONS, precision_owner="LandingCallback",
+        no_decay=("lora_B",), callbacks=("app.callbacks.landing.LandingCallback",))
     #: Fields of this class only; the exported adapter is plain LoRA without them.
-    _extra_fields: ClassVar[tuple[str, ...]] = ("manifold", "init_seed")
+    _own_fields: ClassVar[tuple[str, ...]] = ("manifold", "init_seed")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,13 +90,11 @@ class ManifoldLoraConfig(LoraConfig):
             raise ConfigError(f"{_OPTION}.init_lora_weights={init!r} rewrites the base weights; "
                               "Manifold-LoRA sets B and A itself (use true)")
 
-    def to_dict(self) -> dict[str, Any]:
-        """PEFT's dict without this class's fields: the saved ``adapter_config.json`` is a
-        plain ``LoraConfig`` that any PEFT loads without warnings."""
-        out = super().to_dict()
-        for name in self._extra_fields:
-            out.pop(name, None)
-        return out
+    def constraint(self) -> Constraint:
+        """``B`` on ``manifold``, asymptotically (landing); its partner factor is ``A``."""
+        return Constraint(factors=("lora_B",), manifold=self.manifold,
+                          callback="app.callbacks.landing.LandingCallback", exact=False,
+                          partners=("lora_A",))
 
     @torch.no_grad()
     def initialize(self, peft_model: torch.nn.Module, adapter_name: str = "default") -> None:

@@ -30,24 +30,35 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from app.adapters import AdapterConfig
+from app.adapters import head_module_names
+from app.adapters.contract import (
+    FP32_MASTER_PRECISIONS,
+    ROWWISE,
+    ROWWISE_REASON,
+    AdapterConfig,
+    Constraint,
+    MethodSpec,
+)
+from app.adapters.targets import (
+    default_query_value_targets,
+    matches_target,
+    peft_default_targets,
+)
+from app.draws import random_orthonormal
 from app.errors import ConfigError
-from app.manifolds.stiefel import random_orthonormal
 
 __all__ = ["StellaConfig", "StellaLinear"]
 
 _OPTION = "model.init_args.adapter.init_args"
-
-
-def _matches(name: str, target: str) -> bool:
-    """PEFT's list matching: the module name equals the target or ends with ``.target``."""
-    return name == target or name.endswith("." + target)
+#: The layer's parameter names (the constraint and the export select by them).
+_U, _V, _S = "stella_U", "stella_V", "stella_S"
+_CALLBACK = "app.callbacks.stella.StellaCallback"
 
 
 class StellaLinear(nn.Module):
     r"""A frozen ``nn.Linear`` plus the StelLA update :math:`s\, U S V^T`.
 
-    Parameters (named so that callbacks select them by substring):
+    Parameters (named so that :meth:`StellaConfig.constraint` selects them by substring):
 
     - ``stella_V.weight``: :math:`V^T`, ``r x in`` (an ``nn.Linear(in, r)`` weight),
     - ``stella_S``: ``S``, ``r x r`` (``s_mode="full"``) or ``r`` (``"diagonal"``),
@@ -151,9 +162,13 @@ class StellaLinear(nn.Module):
 class StellaConfig(AdapterConfig):
     r"""StelLA adapter: every targeted Linear gets :math:`s\, U S V^T` (:class:`StellaLinear`).
 
-    Train it with :class:`app.callbacks.stella.StellaCallback` (Riemannian gradient before the
-    optimizer step, projection and retraction after it); ``U``, ``V`` and ``S`` are kept out of
-    weight decay (``no_decay_patterns``; S as in the public code).
+    Declaration (:mod:`app.adapters.contract`): ``U`` and ``V`` are constrained to the Stiefel
+    manifold by :class:`app.callbacks.stella.StellaCallback` (Riemannian gradient before the
+    optimizer step, projection and retraction after it; added by the task module when the
+    YAML does not list it) and kept out of weight decay, with ``S`` (as the public code's
+    optimizer groups do); single device or DDP only (the
+    retraction needs whole factors); fp32 master weights (``32-true`` or ``bf16-mixed``);
+    the rank is ``r``; the export is a standard PEFT LoRA adapter (:meth:`export`).
 
     Args:
         r: Rank of the update (``1 <= r <= min(in, out)`` of every targeted layer).
@@ -178,12 +193,16 @@ class StellaConfig(AdapterConfig):
     dropout: float = 0.0
     seed: int = 0
 
-    #: Kept out of weight decay by :class:`app.modules.adapted.AdaptedModule`: U and V (decay
-    #: would pull them off the manifold) and S, as in the public StelLA code (its optimizer
-    #: groups put S with the no-decay parameters).
-    no_decay_patterns: ClassVar[tuple[str, ...]] = ("stella_U", "stella_V", "stella_S")
-    #: State-dict markers of the adapter (checkpoints keep these keys).
-    state_markers: ClassVar[tuple[str, ...]] = ("stella_",)
+    spec: ClassVar[MethodSpec] = MethodSpec(
+        name="StelLA", rank_field="adapter.r", strategies=ROWWISE,
+        strategy_owner="StellaCallback", strategy_reason=ROWWISE_REASON,
+        precisions=FP32_MASTER_PRECISIONS, precision_owner="StellaCallback",
+        no_decay=(_U, _V, _S),  # S too, as in the public StelLA code
+        state_markers=("stella_",), callbacks=(_CALLBACK,))
+
+    def constraint(self) -> Constraint:
+        """``U`` and ``V`` on the Stiefel manifold, kept there exactly by the retraction."""
+        return Constraint(factors=(_U, _V), manifold="stiefel", callback=_CALLBACK)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -220,8 +239,6 @@ class StellaConfig(AdapterConfig):
     def resolve_targets(self, model: nn.Module) -> list[str]:
         """``target_modules``, else PEFT's default for ``model.config.model_type``, else the
         model's query / value projections (:mod:`app.adapters.targets`)."""
-        from app.adapters.targets import default_query_value_targets, peft_default_targets
-
         if self.target_modules is not None:
             return list(self.target_modules)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -246,9 +263,9 @@ class StellaConfig(AdapterConfig):
     def apply(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
         """Freeze ``model``, wrap every target in :class:`StellaLinear`, train the heads.
 
-        Targets inside a head module are skipped (heads are trained in full). Sets
-        ``model.adapter_state_markers = ("stella_",)`` (checkpoint keys) and
-        ``model.stella_head_modules`` (used by :meth:`export`).
+        Targets inside a head module are skipped (heads are trained in full). Nothing is
+        attached to the model: checkpoints find the layers by ``spec.state_markers``, the
+        export finds the heads again with :func:`app.adapters.head_module_names`.
 
         Raises:
             ConfigError: If the targets match nothing, match a module that is not an
@@ -258,7 +275,7 @@ class StellaConfig(AdapterConfig):
         heads = list(head_modules)
         model.requires_grad_(False)
         names = [n for n, _ in model.named_modules() if n
-                 and any(_matches(n, t) for t in targets)
+                 and any(matches_target(n, t) for t in targets)
                  and not any(n == h or n.startswith(h + ".") for h in heads)]
         if not names:
             raise ConfigError(f"{_OPTION}.target_modules={targets} match no module of "
@@ -284,8 +301,6 @@ class StellaConfig(AdapterConfig):
             setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
         for head in heads:
             model.get_submodule(head).requires_grad_(True)
-        model.adapter_state_markers = self.state_markers
-        model.stella_head_modules = heads
         return model
 
     # -- export ---------------------------------------------------------------------------
@@ -314,7 +329,7 @@ class StellaConfig(AdapterConfig):
         merged = [n for n, m in layers.items() if m.merged]
         if merged:
             raise RuntimeError(f"export: unmerge the StelLA layers first ({merged[:3]})")
-        heads = list(getattr(model, "stella_head_modules", []))
+        heads = head_module_names(model)
         prefix = "base_model.model."
         tensors: dict[str, Tensor] = {}
         for name, layer in layers.items():

@@ -27,8 +27,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from app.adapters.checks import check_trainer
 from app.adapters.lora import AlloraConfig, lora_layers
-from app.callbacks.factors import check_strategy, reducer_for
+from app.callbacks.factors import reducer_for
+from app.callbacks.state import StatefulCallback
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
 from app.fsdp2 import local
@@ -59,7 +61,7 @@ class _Group:
     coef: Tensor | None = None
 
 
-class AlloraUpdateScaling(L.Callback):
+class AlloraUpdateScaling(StatefulCallback):
     r"""Scale each LoRA factor's optimizer update by ALLoRA's ``c(theta_old)``.
 
     Granularity (decision; ``granularity`` option):
@@ -110,13 +112,15 @@ class AlloraUpdateScaling(L.Callback):
         self._hooks = OptimizerStepHooks(self._before_step, self._after_step)
         self._stepped = False
         self.last_coefficient_mean: dict[str, float] = {}
+        #: Completed scaled steps (checkpointed).
+        self.num_steps = 0
 
     # -- start-up checks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         # FSDP1 hands the optimizer flat 1-D shards (not DTensors): row norms would be wrong.
-        check_strategy(trainer, "AlloraUpdateScaling")
+        check_trainer(AlloraConfig.spec, trainer)
         adapter = getattr(pl_module, "adapter", None)
         if not isinstance(adapter, AlloraConfig):
             raise ConfigError(
@@ -208,6 +212,7 @@ class AlloraUpdateScaling(L.Callback):
             group.old = group.coef = None
         self.last_coefficient_mean = {role: s / n for role, (s, n) in sums.items()}
         self._stepped = True
+        self.num_steps += 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -215,3 +220,13 @@ class AlloraUpdateScaling(L.Callback):
             self._stepped = False
             for role, value in self.last_coefficient_mean.items():
                 pl_module.log(f"allora/coef_{role}_mean", value, on_step=True, on_epoch=False)
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_options(self) -> dict[str, Any]:
+        return {"eta": self.eta, "granularity": self.granularity}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_steps = int(state_dict.get("num_steps", 0))

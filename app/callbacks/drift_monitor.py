@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from app.callbacks.factors import reducer_for
+from app.callbacks.state import StatefulCallback
 from app.errors import ConfigError
 from app.manifolds import sharded, sphere, stiefel
 from app.manifolds.batching import apply_grouped
@@ -35,7 +36,7 @@ __all__ = ["OrthogonalityDrift"]
 _DRIFT = {"stiefel": stiefel.drift, "sphere": sphere.drift}
 
 
-class OrthogonalityDrift(L.Callback):
+class OrthogonalityDrift(StatefulCallback):
     """Log ``manifold/drift_max`` and ``manifold/drift_mean``; optionally stop on a threshold.
 
     Args:
@@ -134,6 +135,10 @@ class OrthogonalityDrift(L.Callback):
                 "rate, or raise OrthogonalityDrift threshold)")
             trainer.should_stop = True
             rank_zero_warn(self.stop_message)
+
+    def state_options(self) -> dict[str, Any]:
+        return {"every_n_steps": self.every_n_steps, "threshold": self.threshold,
+                "patterns": self.patterns, "manifold": self.manifold}
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last), "last_step": self._last_step}

@@ -1,6 +1,8 @@
-"""What the geometry callbacks (StelLA, landing, drift monitor) share: selecting the
-constrained factors by name, their tall form, and the start-up checks (strategy, precision,
-factor dtype, weight decay) that refuse a combination before anything is trained."""
+"""What the geometry callbacks (StelLA, landing, ALLoRA) share: the method they serve, the
+constrained factors it declares (:class:`app.adapters.contract.Constraint`), their tall form,
+and the checks that need the built model and optimizer (factor dtype, weight decay). The
+strategy and precision refusals are the method's declaration, checked by
+:mod:`app.adapters.checks`."""
 
 from __future__ import annotations
 
@@ -10,10 +12,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from app.adapters.checks import check_trainer
+from app.adapters.contract import Method
 from app.errors import ConfigError
-
-#: Precisions whose parameters (the master weights) are fp32 or fp64.
-SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed")
 
 
 def tall(t: Tensor) -> Tensor:
@@ -37,37 +38,6 @@ def select_factors(pl_module: L.LightningModule, patterns: Sequence[str], owner:
             f"(adapter: {type(adapter).__name__ if adapter is not None else 'none'}); "
             "use the method's adapter or change the patterns")
     return found
-
-
-def check_strategy(trainer: L.Trainer, owner: str) -> None:
-    """Refuse strategies whose parameter layout the step cannot work with.
-
-    Single-device and DDP (every rank holds whole, identical factors and all-reduced
-    gradients, so every rank computes the identical update) and FSDP2 through
-    :class:`app.fsdp2.AdapterFSDP2Strategy` (factors sharded along their long dimension; the
-    step works on local rows with small all-reduces, :mod:`app.manifolds.sharded`) are
-    supported. FSDP1 (flat 1-D shards), a plain ``ModelParallelStrategy`` and DeepSpeed are
-    refused before anything trains.
-    """
-    from lightning.pytorch.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-        SingleDeviceStrategy,
-    )
-
-    from app.fsdp2 import AdapterFSDP2Strategy
-
-    strategy = trainer.strategy
-    if isinstance(strategy, AdapterFSDP2Strategy):
-        return
-    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
-    if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ConfigError(
-            f"{owner} does not support trainer.strategy={type(strategy).__name__}: it updates "
-            "factors by rows and this strategy flattens or splits them arbitrarily; use FSDP2 "
-            "(configs/strategy/fsdp2.yaml) or trainer.strategy=ddp (or a single device)")
 
 
 def tall_local(t: Tensor) -> Tensor:
@@ -104,22 +74,6 @@ def reducer_for(params: Sequence[Tensor]) -> object | None:
     if not sharded:
         return None
     return AllReduce(sharded[0].device_mesh.get_group())
-
-
-def check_precision(trainer: L.Trainer, owner: str) -> None:
-    """Require fp32 (or fp64) master weights: ``32-true``, ``64-true`` or ``bf16-mixed``.
-
-    ``bf16-true`` / ``16-true`` store the factors themselves in 16 bits, where a retraction's
-    orthonormality (~1e-7 in fp32) is lost to rounding (~1e-3). ``16-mixed`` (fp16 AMP with a
-    loss scaler) is not supported by these callbacks either; ``bf16-mixed`` keeps fp32
-    parameters and is the mixed-precision choice.
-    """
-    precision = str(trainer.precision)
-    if precision not in SUPPORTED_PRECISION:
-        raise ConfigError(
-            f"{owner} needs fp32 master weights for the manifold factors but "
-            f"trainer.precision={precision!r}; use trainer.precision=bf16-mixed (fp32 "
-            "parameters, bf16 compute) or 32-true")
 
 
 def check_factor_dtypes(factors: Sequence[tuple[str, Tensor]], owner: str) -> None:
@@ -164,24 +118,36 @@ def check_no_weight_decay(trainer: L.Trainer, factors: Sequence[tuple[str, Tenso
                 raise ConfigError(
                     f"{owner}: optimizer group {index} applies weight_decay="
                     f"{group['weight_decay']} to constrained factor {hit[0]} (and {len(hit) - 1}"
-                    " more); keep the factors out of decay (the adapter's no_decay_patterns) "
+                    " more); keep the factors out of decay (the method's spec.no_decay) "
                     "or set model.init_args.optimizer weight_decay: 0")
+
+
+def module_method(pl_module: L.LightningModule) -> Method | None:
+    """The module's method (:attr:`app.modules.adapted.AdaptedModule.method`), or one resolved
+    from its ``adapter`` attribute; ``None`` for a module with neither."""
+    method = getattr(pl_module, "method", None)
+    if isinstance(method, Method):
+        return method
+    if not hasattr(pl_module, "adapter"):
+        return None
+    from app.adapters import resolve_method
+
+    return resolve_method(pl_module.adapter)
 
 
 def check_fit_setup(trainer: L.Trainer, pl_module: L.LightningModule, owner: str,
                     config_cls: type, hint: str = "") -> object | None:
     """The start-up checks every geometry callback runs in ``setup("fit")``.
 
-    Refuses a sharding strategy (:func:`check_strategy`), a precision without fp32 master
-    weights (:func:`check_precision`) and, for modules with an ``adapter`` attribute, an
-    adapter that is not a ``config_cls`` (the callback would constrain factors that do not
-    exist or mean something else).
+    Refuses what ``config_cls.spec`` does not support (strategy, precision:
+    :func:`app.adapters.checks.check_trainer`) and, for modules with an ``adapter``
+    attribute, an adapter that is not a ``config_cls`` (the callback would constrain factors
+    that do not exist or mean something else).
 
     Returns:
         The module's adapter config (``None`` for modules without one).
     """
-    check_strategy(trainer, owner)
-    check_precision(trainer, owner)
+    check_trainer(config_cls.spec, trainer)
     if not hasattr(pl_module, "adapter"):
         return None
     adapter = pl_module.adapter

@@ -49,16 +49,19 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from app.adapters.manifold_lora import ManifoldLoraConfig
 from app.callbacks.factors import (
     check_factor_dtypes,
     check_fit_setup,
     check_no_weight_decay,
+    module_method,
     optimizers_holding,
     reducer_for,
     select_factors,
     tall,
     tall_local,
 )
+from app.callbacks.state import StatefulCallback
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
 from app.fsdp2 import local
@@ -83,41 +86,48 @@ def a_step_scale(b: Tensor, a: Tensor) -> Tensor:
     return torch.where(a_sq > b_sq, ratio, torch.ones_like(ratio))
 
 
-class LandingCallback(L.Callback):
+class LandingCallback(StatefulCallback):
     r"""Keeps Manifold-LoRA's ``B`` near its manifold with landing steps (no retraction).
 
+    The manifold and the factor names come from the adapter's declaration
+    (:meth:`app.adapters.manifold_lora.ManifoldLoraConfig.constraint`), so the YAML states
+    the manifold once, on the adapter.
+
     Args:
-        manifold: ``"stiefel"`` (:math:`B^T B = I`) or ``"sphere"`` (unit-norm columns); must
-            equal the adapter's ``manifold``.
+        manifold: ``None`` (default): the adapter's ``manifold``; ``"stiefel"``
+            (:math:`B^T B = I`) or ``"sphere"`` (unit-norm columns) must equal it.
         mu: Penalty step :math:`\mu` (the paper fixes 1/3; ``0 < mu < 1`` contracts the
             drift, ``mu = 1/2`` is the fastest near the manifold).
-        patterns: Substrings selecting ``B`` by parameter name (tall ``out x r``).
+        patterns: Substrings selecting ``B`` by parameter name (tall ``out x r``); ``None``:
+            the adapter's constrained factors.
         balance_a_lr: Scale A's step by :math:`c_A = \min(1, \|B\|_2 / \|A\|_2)` (module doc).
         a_patterns: How ``A``'s name is derived from ``B``'s: the first ``patterns`` entry
-            found in B's name is replaced by the same-position entry here.
+            found in B's name is replaced by the same-position entry here; ``None``: the
+            constraint's ``partners``.
     """
 
     def __init__(
         self,
-        manifold: Literal["stiefel", "sphere"] = "stiefel",
+        manifold: Literal["stiefel", "sphere"] | None = None,
         mu: float = 1 / 3,
-        patterns: Sequence[str] = ("lora_B",),
+        patterns: Sequence[str] | None = None,
         balance_a_lr: bool = False,
-        a_patterns: Sequence[str] = ("lora_A",),
+        a_patterns: Sequence[str] | None = None,
     ) -> None:
-        if manifold not in ("stiefel", "sphere"):
+        if manifold is not None and manifold not in ("stiefel", "sphere"):
             raise ConfigError(f"LandingCallback manifold must be 'stiefel' or 'sphere', "
                               f"got {manifold!r}")
         if not 0.0 < mu < 1.0:
             raise ConfigError(f"LandingCallback mu must be in (0, 1), got {mu}")
-        if isinstance(patterns, str) or not patterns:
+        if isinstance(patterns, str) or (patterns is not None and not patterns):
             raise ConfigError("LandingCallback patterns must be a non-empty list of substrings")
-        if isinstance(a_patterns, str) or len(a_patterns) != len(patterns):
+        if isinstance(a_patterns, str) or (
+                a_patterns is not None and len(a_patterns) != len(patterns or ("",))):
             raise ConfigError("LandingCallback a_patterns must be a list as long as patterns")
         self.manifold = manifold
         self.mu = float(mu)
-        self.patterns = tuple(patterns)
-        self.a_patterns = tuple(a_patterns)
+        self.patterns = None if patterns is None else tuple(patterns)
+        self.a_patterns = None if a_patterns is None else tuple(a_patterns)
         self.balance_a_lr = balance_a_lr
         #: Completed landing steps (checkpointed).
         self.num_steps = 0
@@ -128,22 +138,23 @@ class LandingCallback(L.Callback):
         self._a_snapshot: list[Tensor] | None = None
         self._reduce: Any = None
         self._hooks = OptimizerStepHooks(self._pre_step, self._post_step)
+        self._manifold: str | None = None  # resolved at fit start
+        self._names: list[tuple[str, ...]] = []
 
     # -- start-up checks ------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from app.adapters.manifold_lora import ManifoldLoraConfig
-
         adapter = check_fit_setup(trainer, pl_module, "LandingCallback", ManifoldLoraConfig,
                                   " (B orthonormal, A = 0)")
-        if adapter is not None and adapter.manifold != self.manifold:
+        if adapter is not None and self.manifold not in (None, adapter.manifold):
             raise ConfigError(
                 f"LandingCallback manifold={self.manifold!r} but the adapter's "
                 f"model.init_args.adapter.init_args.manifold={adapter.manifold!r}; "
                 "set both to the same value")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._manifold, *self._names = self._declared(pl_module)
         self._factors = self._select(pl_module)
         bad = [(n, tuple(p.shape)) for n, p in self._factors if p.shape[0] < p.shape[1]]
         if bad:
@@ -161,12 +172,23 @@ class LandingCallback(L.Callback):
                                       f"pairs with {name}; check a_patterns")
                 self._pairs.append(params[a_name])
 
+    def _declared(self, pl_module: L.LightningModule) -> tuple[str, tuple[str, ...],
+                                                                tuple[str, ...]]:
+        """``(manifold, B patterns, A patterns)``: the options, else the adapter's constraint."""
+        method = module_method(pl_module)
+        declared = (method.constraint() if method is not None else None) or \
+            ManifoldLoraConfig().constraint()
+        patterns = self.patterns or declared.factors
+        a_patterns = self.a_patterns or declared.partners
+        return self.manifold or declared.manifold, patterns, a_patterns
+
     def _select(self, pl_module: L.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
-        return select_factors(pl_module, self.patterns, "LandingCallback",
+        _, patterns, _ = self._declared(pl_module)
+        return select_factors(pl_module, patterns, "LandingCallback",
                               "LandingCallback patterns")
 
     def _a_name(self, b_name: str) -> str:
-        for pat, a_pat in zip(self.patterns, self.a_patterns):
+        for pat, a_pat in zip(*self._names):
             if pat in b_name:
                 return b_name.replace(pat, a_pat)
         return b_name
@@ -174,7 +196,8 @@ class LandingCallback(L.Callback):
     def constrained_factors(self, pl_module: L.LightningModule) -> list[tuple[str, Tensor, str]]:
         """``(name, B (out x r), manifold)`` for every ``B`` (drift-monitor protocol)."""
         factors = self._factors or self._select(pl_module)
-        return [(n, tall(p.detach()), self.manifold) for n, p in factors]
+        manifold = self._manifold or self._declared(pl_module)[0]
+        return [(n, tall(p.detach()), manifold) for n, p in factors]
 
     # -- hooks ----------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -208,7 +231,7 @@ class LandingCallback(L.Callback):
             return
         params = [self._factors[i][1] for i in self._active]
         news = [p.detach().float() for p in params]
-        step = stiefel.landing_step if self.manifold == "stiefel" else sphere.landing_step
+        step = stiefel.landing_step if self._manifold == "stiefel" else sphere.landing_step
         outs = apply_grouped(lambda x, b: step(x, b - x, self.mu), self._snapshot, news)
         if self._a_snapshot is not None:
             a_params = [self._pairs[i] for i in self._active]
@@ -250,6 +273,10 @@ class LandingCallback(L.Callback):
         return a_old + c[:, None, None] * (a_new - a_old)
 
     # -- checkpointing --------------------------------------------------------------------
+    def state_options(self) -> dict[str, Any]:
+        return {"manifold": self.manifold, "mu": self.mu, "patterns": self.patterns,
+                "balance_a_lr": self.balance_a_lr}
+
     def state_dict(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps}
 

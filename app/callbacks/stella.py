@@ -38,28 +38,32 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from app.adapters.stella import StellaConfig
 from app.callbacks.factors import (
     check_factor_dtypes,
     check_fit_setup,
     check_no_weight_decay,
     hidden_size_of,
+    module_method,
     optimizers_holding,
     reducer_for,
     select_factors,
     tall,
     tall_local,
 )
+from app.callbacks.state import StatefulCallback
 from app.callbacks.step_hooks import OptimizerStepHooks
 from app.errors import ConfigError
 from app.manifolds import fused
 
 
-class StellaCallback(L.Callback):
+class StellaCallback(StatefulCallback):
     r"""Keeps StelLA's ``U`` and ``V`` on the Stiefel manifold around any optimizer step.
 
     Args:
         patterns: Substrings selecting the Stiefel factors by parameter name (2-D, trainable);
-            the defaults match :class:`app.adapters.stella.StellaConfig`.
+            ``None`` (default): the factors :meth:`app.adapters.stella.StellaConfig.constraint`
+            declares.
         retraction: ``"polar"`` (:math:`Y (Y^T Y)^{-1/2}` via an ``r x r`` eigendecomposition,
             the paper's choice) or ``"exp"`` (exponential map of the embedded metric).
         gradient_scaling: Divide the step ``D`` of a factor with ``n != c`` rows by
@@ -69,19 +73,19 @@ class StellaCallback(L.Callback):
 
     def __init__(
         self,
-        patterns: Sequence[str] = ("stella_U", "stella_V"),
+        patterns: Sequence[str] | None = None,
         retraction: Literal["polar", "exp"] = "polar",
         gradient_scaling: bool = True,
         hidden_size: int | None = None,
     ) -> None:
-        if isinstance(patterns, str) or not patterns:
+        if isinstance(patterns, str) or (patterns is not None and not patterns):
             raise ConfigError("StellaCallback patterns must be a non-empty list of substrings")
         if retraction not in ("polar", "exp"):
             raise ConfigError(f"StellaCallback retraction must be 'polar' or 'exp', "
                               f"got {retraction!r}")
         if hidden_size is not None and hidden_size < 1:
             raise ConfigError(f"StellaCallback hidden_size must be positive, got {hidden_size}")
-        self.patterns = tuple(patterns)
+        self.patterns = None if patterns is None else tuple(patterns)
         self.retraction = retraction
         self.gradient_scaling = gradient_scaling
         self.hidden_size = hidden_size
@@ -99,13 +103,17 @@ class StellaCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from app.adapters.stella import StellaConfig
-
         check_fit_setup(trainer, pl_module, "StellaCallback", StellaConfig)
 
+    def _select(self, pl_module: L.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+        method = module_method(pl_module)
+        declared = (method.constraint() if method is not None else None) or \
+            StellaConfig().constraint()
+        patterns = self.patterns or declared.factors
+        return select_factors(pl_module, patterns, "StellaCallback", "StellaCallback patterns")
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._factors = select_factors(pl_module, self.patterns, "StellaCallback",
-                                       "StellaCallback patterns")
+        self._factors = self._select(pl_module)
         check_factor_dtypes(self._factors, "StellaCallback")
         check_no_weight_decay(trainer, self._factors, "StellaCallback")
         self._c = None
@@ -132,8 +140,7 @@ class StellaCallback(L.Callback):
 
     def constrained_factors(self, pl_module: L.LightningModule) -> list[tuple[str, Tensor, str]]:
         """``(name, tall view n x r, "stiefel")`` for every factor (drift-monitor protocol)."""
-        factors = self._factors or select_factors(pl_module, self.patterns, "StellaCallback",
-                                                  "StellaCallback patterns")
+        factors = self._factors or self._select(pl_module)
         return [(n, tall(p.detach()), "stiefel") for n, p in factors]
 
     @torch.no_grad()
@@ -168,6 +175,10 @@ class StellaCallback(L.Callback):
         return 1.0 / math.sqrt(n / self._c)
 
     # -- checkpointing --------------------------------------------------------------------
+    def state_options(self) -> dict[str, Any]:
+        return {"patterns": self.patterns, "retraction": self.retraction,
+                "gradient_scaling": self.gradient_scaling, "hidden_size": self.hidden_size}
+
     def state_dict(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps}
 

@@ -48,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
                     "results.csv / results.json / summary.md and PNG plots into --out.")
     p.add_argument("--base", nargs="+", required=True, metavar="CONFIG",
                    help="data / model fragments shared by every run (repeated --config)")
-    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
-                   help="method fragments: paths, or names of files in configs/methods/")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="method fragments: paths, or names of files in configs/methods/ "
+                        "(default: every fragment there)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED")
     p.add_argument("--ranks", nargs="+", type=int, default=None, metavar="RANK",
                    help="ranks to apply (adapter r, GaLore/GaRare rank); default: each "
@@ -132,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.in_process and (args.devices not in (None, "1") or args.strategy):
         p.error("--in-process runs on one device: drop --devices / --strategy")
     extra = [*passthrough, *args.extra]
-    method_paths = [_method_path(m) for m in args.methods]
+    methods = args.methods or sorted(f.stem for f in METHODS_DIR.glob("*.yaml"))
+    method_paths = [_method_path(m) for m in methods]
     selecting = args.select_lr or bool(args.lrs)
     sel_plan: list = []
     try:

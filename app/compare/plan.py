@@ -1,9 +1,11 @@
 """What a comparison runs: the grid of method x rank x seed and each run's command line.
 
 Every run gets the same base fragments and the same extra arguments; only the method fragment,
-the rank and the seed differ. The rank goes where the method keeps it (the adapter's ``r``, or
-the ``rank`` of a GaLore / GaRare optimizer); methods without one (full fine-tuning) run once
-per seed. The seed goes to ``seed_everything`` and to every seed a fragment pins for its
+the rank and the seed differ. The rank goes where the method declares it (``rank_field`` of its
+:class:`app.adapters.contract.MethodSpec`, read from the fragment's adapter / optimizer classes
+by :func:`app.adapters.declared_spec`); methods without one (full fine-tuning) run once per
+seed. No method is known here by name: any fragment in ``configs/methods/`` works. The
+seed goes to ``seed_everything`` and to every seed a fragment pins for its
 adapter or optimizer (``init_seed`` / ``seed``: the frozen A of Asymmetric LoRA, the
 Manifold-LoRA and StelLA inits, GaRare's projections), so seeds vary everything random.
 """
@@ -11,6 +13,7 @@ Manifold-LoRA and StelLA inits, GaRare's projections), so seeds vary everything 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,27 +61,44 @@ def _init_args(entry: Any) -> dict[str, Any] | None:
     return None
 
 
+def _class_of(entry: Any) -> type | None:
+    """The class a ``{class_path: ...}`` entry names (``None`` for a null entry)."""
+    if not isinstance(entry, dict) or not entry.get("class_path"):
+        return None
+    module, _, name = str(entry["class_path"]).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"class_path {entry['class_path']!r} cannot be imported: {err}") from None
+
+
+def rank_field(config: dict[str, Any]) -> str | None:
+    """The merged config's method's declared ``rank_field`` (``"adapter.r"``,
+    ``"optimizer.rank"``) or ``None``."""
+    from app.adapters import declared_spec
+
+    args = _model_args(config)
+    return declared_spec(_class_of(args.get("adapter")),
+                         _class_of(args.get("optimizer"))).rank_field
+
+
 def rank_option(config: dict[str, Any]) -> str | None:
     """The CLI option that sets the rank of this merged config's method, ``None`` if it has
-    none: the adapter's ``r`` (LoRA family, StelLA, Manifold-LoRA) or the optimizer's
-    ``rank`` (GaLore, GaRare)."""
-    args = _model_args(config)
-    if _init_args(args.get("adapter")) is not None:
-        return ADAPTER + "r"
-    optimizer = _init_args(args.get("optimizer"))
-    if optimizer is not None and "rank" in optimizer:
-        return OPTIMIZER + "rank"
-    return None
+    none (``--model.init_args.<owner>.init_args.<field>`` of its declared ``rank_field``)."""
+    field = rank_field(config)
+    if field is None:
+        return None
+    owner, _, name = field.partition(".")
+    return f"--model.init_args.{owner}.init_args.{name}"
 
 
 def fragment_rank(config: dict[str, Any]) -> int | None:
     """The rank the merged config sets itself (``None``: no rank, or the class default)."""
-    args = _model_args(config)
-    adapter = _init_args(args.get("adapter"))
-    if adapter is not None:
-        return adapter.get("r")
-    optimizer = _init_args(args.get("optimizer"))
-    return optimizer.get("rank") if optimizer else None
+    field = rank_field(config)
+    if field is None:
+        return None
+    owner, _, name = field.partition(".")
+    return (_init_args(_model_args(config).get(owner)) or {}).get(name)
 
 
 def seed_options(config: dict[str, Any], seed: int) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 
 from app.callbacks.drift_monitor import OrthogonalityDrift
 from app.callbacks.memory_monitor import MemoryMonitor
+from app.callbacks.state import StatefulCallback
 
 __all__ = ["StepTimer", "batch_size_of"]
 
@@ -41,7 +42,7 @@ def batch_size_of(batch: Any) -> int:
     return 0
 
 
-class StepTimer(L.Callback):
+class StepTimer(StatefulCallback):
     """Record wall time per optimizer step (after a warm-up), samples/s and the loss per step.
 
     A step is timed from ``on_train_batch_start`` of its first micro-batch to the
@@ -193,6 +194,9 @@ class StepTimer(L.Callback):
         self.written = path
 
     # -- checkpointing --------------------------------------------------------------------
+    def state_options(self) -> dict[str, Any]:
+        return {"warmup_steps": self.warmup_steps}
+
     def state_dict(self) -> dict[str, Any]:
         return {"loss_curve": [list(x) for x in self.loss_curve],
                 "step_times": [list(x) for x in self.step_times]}

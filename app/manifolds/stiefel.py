@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from app.draws import random_orthonormal  # the one sign-fixed QR draw (re-exported)
+
 __all__ = [
     "compute_dtype",
     "drift",
@@ -250,45 +252,3 @@ def drift(x: Tensor) -> Tensor:
     gram = x.transpose(-1, -2) @ x - _eye_like(x)
     return torch.linalg.matrix_norm(gram, ord="fro")
 
-
-@torch.no_grad()
-def random_orthonormal(
-    n: int,
-    p: int,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    batch_shape: tuple[int, ...] = (),
-) -> Tensor:
-    r"""Random point ``Q`` on ``St(n, p)``: QR of a Gaussian with sign correction.
-
-    .. math::
-
-        G = Q R,\quad Q \leftarrow Q \operatorname{diag}(\operatorname{sign}(\operatorname{diag} R))
-
-    The sign correction makes ``Q`` unique (Haar-distributed for ``n x n``; Mezzadri 2007,
-    "How to generate random matrices from the classical compact groups"). Sampling uses
-    only ``generator``, never the global RNG, so every data-parallel rank seeded alike
-    draws the same matrix.
-
-    Args:
-        n: Rows, ``n >= p``.
-        p: Columns.
-        generator: Source of randomness; its device must match ``device``.
-        dtype: Output dtype (sampled and factored in at least float32).
-        device: Output device.
-        batch_shape: Leading batch dimensions.
-
-    Returns:
-        Orthonormal matrices ``(*batch_shape, n, p)`` in ``dtype``.
-
-    Raises:
-        ValueError: If ``n < p``.
-    """
-    if n < p:
-        raise ValueError(f"need n >= p for a tall Stiefel factor, got n={n}, p={p}")
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    g = torch.randn(*batch_shape, n, p, generator=generator, dtype=work, device=device)
-    q, r = torch.linalg.qr(g)
-    sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(work)
-    return (q * sign.unsqueeze(-2)).to(dtype)

@@ -16,6 +16,18 @@ from app.metrics.glue import glue_metrics
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
 
 
+def _config_kwargs(spec: Any) -> dict[str, Any]:
+    """``AutoConfig`` arguments of a GLUE task: labels and problem type."""
+    kwargs: dict[str, Any] = {"num_labels": spec.num_labels}
+    if spec.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["problem_type"] = "single_label_classification"
+        kwargs["id2label"] = dict(enumerate(spec.label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
+    return kwargs
+
+
 class ClassificationModule(AdaptedModule):
     """Fine-tunes a sequence classifier on one GLUE task with any adapter.
 
@@ -32,7 +44,6 @@ class ClassificationModule(AdaptedModule):
         adapter: See :class:`app.modules.adapted.AdaptedModule`.
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
-        loraplus_lr_ratio: See :class:`app.modules.adapted.AdaptedModule`.
     """
 
     def __init__(
@@ -43,7 +54,6 @@ class ClassificationModule(AdaptedModule):
         adapter: PeftConfig | AdapterConfig | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
-        loraplus_lr_ratio: float | None = None,
     ) -> None:
         self.spec = get_task(task)
         if num_labels != self.spec.num_labels:
@@ -54,7 +64,9 @@ class ClassificationModule(AdaptedModule):
                 f"{self.spec.num_labels}; leave it to the data link"
             )
         self.num_labels = num_labels
-        super().__init__(checkpoint, adapter, optimizer, scheduler, loraplus_lr_ratio)
+        super().__init__(checkpoint, adapter, optimizer, scheduler,
+                         model_class=AutoModelForSequenceClassification,
+                         config_kwargs=_config_kwargs(self.spec))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         splits = list(self.spec.validation_splits)
         self.split_names = ["" if len(splits) == 1 else s.split("_", 1)[1] for s in splits]
@@ -66,20 +78,6 @@ class ClassificationModule(AdaptedModule):
     @staticmethod
     def _prefix(stage: str, split: str) -> str:
         return f"{stage}/{split}/" if split else f"{stage}/"
-
-    def model_class(self) -> Any:
-        return AutoModelForSequenceClassification
-
-    def config_kwargs(self) -> dict[str, Any]:
-        spec = self.spec
-        kwargs: dict[str, Any] = {"num_labels": spec.num_labels}
-        if spec.is_regression:
-            kwargs["problem_type"] = "regression"
-        else:
-            kwargs["problem_type"] = "single_label_classification"
-            kwargs["id2label"] = dict(enumerate(spec.label_names))
-            kwargs["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
-        return kwargs
 
     # -- steps ----------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import PeftConfig
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoModelForImageClassification
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from app.adapters import AdapterConfig
 from app.errors import ConfigError
-from app.hub import load_pretrained
 from app.metrics.domains import GroupAccuracy
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
 
@@ -49,7 +47,7 @@ class ImageClassificationModule(AdaptedModule):
 
     The classifier head is trained by every method (PEFT ``modules_to_save``). An adapter whose
     ``target_modules`` is null gets the query and value projections (``q_proj``, ``v_proj`` for
-    transformers 5.x ViT; :func:`app.adapters.targets.fill_default_targets`), the Asymmetry
+    transformers 5.x ViT; :func:`app.adapters.targets.with_default_targets`), the Asymmetry
     paper's vision setting, so every method fragment runs unchanged.
 
     Logged: ``train/loss``, ``train/lr``; ``val/loss``, ``val/acc`` (pooled hold-out of the
@@ -72,7 +70,6 @@ class ImageClassificationModule(AdaptedModule):
         adapter: See :class:`app.modules.adapted.AdaptedModule`.
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
-        loraplus_lr_ratio: See :class:`app.modules.adapted.AdaptedModule`.
 
     Raises:
         ConfigError: For ``num_labels < 2``, class names that disagree with ``num_labels``, or
@@ -90,7 +87,6 @@ class ImageClassificationModule(AdaptedModule):
         adapter: PeftConfig | AdapterConfig | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
-        loraplus_lr_ratio: float | None = None,
     ) -> None:
         if num_labels < 2:
             raise ConfigError(f"model.init_args.num_labels={num_labels}: need at least 2 classes")
@@ -104,24 +100,19 @@ class ImageClassificationModule(AdaptedModule):
         self.class_names = list(class_names) if class_names is not None else None
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.test_domains = list(dict.fromkeys(test_domains)) if test_domains else None
-        super().__init__(checkpoint, adapter, optimizer, scheduler, loraplus_lr_ratio)
+        names = self.class_names or [f"LABEL_{i}" for i in range(num_labels)]
+        super().__init__(
+            checkpoint, adapter, optimizer, scheduler,
+            model_class=ImageClassifierFactory, preprocessor_class=AutoImageProcessor,
+            config_kwargs={"num_labels": num_labels,
+                           "problem_type": "single_label_classification",
+                           "id2label": dict(enumerate(names)),
+                           "label2id": {name: i for i, name in enumerate(names)}})
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # micro = plain accuracy (torchmetrics' default for multiclass is macro).
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_domain_acc = GroupAccuracy(len(self.domain_names or ()) or MAX_DOMAINS)
         self.test_acc = GroupAccuracy(len(self.test_domains or ()) or MAX_DOMAINS)
-
-    def model_class(self) -> Any:
-        return ImageClassifierFactory
-
-    def config_kwargs(self) -> dict[str, Any]:
-        names = self.class_names or [f"LABEL_{i}" for i in range(self.num_labels)]
-        return {
-            "num_labels": self.num_labels,
-            "problem_type": "single_label_classification",
-            "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
-        }
 
     # -- names ----------------------------------------------------------------------------
     def test_domain_name(self, index: int) -> str:
@@ -195,16 +186,3 @@ class ImageClassificationModule(AdaptedModule):
         return {"predictions": out.logits.argmax(-1).cpu(),
                 "labels": batch.get("labels", torch.empty(0)).cpu(),
                 "domain": batch.get("domain", torch.empty(0)).cpu()}
-
-    # -- export ---------------------------------------------------------------------------
-    def _save_tokenizer(self, folder: Path, source: str | None) -> None:
-        """Image models have no tokenizer: save the image processor beside the adapter (the
-        merged export copies it), so the folder is a complete inference checkpoint."""
-        from transformers import AutoImageProcessor
-
-        try:
-            processor = load_pretrained(AutoImageProcessor, source or self.checkpoint)
-        except (ConfigError, ValueError, OSError) as err:
-            log.info("no image processor saved with the adapter: %s", err)
-            return
-        processor.save_pretrained(str(folder))

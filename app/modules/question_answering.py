@@ -38,7 +38,6 @@ class QuestionAnsweringModule(AdaptedModule):
         adapter: See :class:`app.modules.adapted.AdaptedModule`.
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
-        loraplus_lr_ratio: See :class:`app.modules.adapted.AdaptedModule`.
         n_best_size: Start and end candidates per window.
         max_answer_length: Longest answer in tokens.
         null_score_diff_threshold: SQuAD v2.0 null-answer margin.
@@ -52,7 +51,6 @@ class QuestionAnsweringModule(AdaptedModule):
         adapter: PeftConfig | AdapterConfig | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
-        loraplus_lr_ratio: float | None = None,
         n_best_size: int = 20,
         max_answer_length: int = 30,
         null_score_diff_threshold: float = 0.0,
@@ -62,7 +60,8 @@ class QuestionAnsweringModule(AdaptedModule):
                               "exactly 2 span logits (start, end)")
         self.task = task
         self.version_2 = task == "squad_v2"
-        super().__init__(checkpoint, adapter, optimizer, scheduler, loraplus_lr_ratio)
+        super().__init__(checkpoint, adapter, optimizer, scheduler,
+                         model_class=AutoModelForQuestionAnswering)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.n_best_size = n_best_size
         self.max_answer_length = max_answer_length
@@ -72,9 +71,6 @@ class QuestionAnsweringModule(AdaptedModule):
         # must not sum across ranks again.
         self.val_metric = SQuADMetric(self.version_2, sync_on_compute=False)
         self.test_metric = SQuADMetric(self.version_2, sync_on_compute=False)
-
-    def model_class(self) -> Any:
-        return AutoModelForQuestionAnswering
 
     def forward(self, batch: dict[str, Any]) -> Any:
         assert self.model is not None

@@ -1,8 +1,11 @@
 """Start-up checks of an optimizer factory against the adapter and the model it will train.
 
-GaLore and GaRare (:mod:`app.optim.galore`) are optimizers over the full weights: combined with
-an adapter they would project the gradients of tiny adapter factors (or nothing), which is not
-the method. Bad targets or ranks would otherwise only fail when ``configure_optimizers`` runs,
+Methods that live in the optimizer declare themselves with a ``spec`` class attribute
+(:class:`app.adapters.contract.MethodSpec`); ``full_weights`` ones (GaLore and GaRare,
+:mod:`app.optim.galore`) optimise the full weights: combined with an adapter they would project
+the gradients of tiny adapter factors (or nothing), which is not the method. Their strategy
+refusals are read from the same declaration by :mod:`app.adapters.checks`. Bad targets or
+ranks would otherwise only fail when ``configure_optimizers`` runs,
 after the model is loaded; here they fail while the CLI instantiates the module, with the option
 to change named.
 """
@@ -17,9 +20,8 @@ from typing import Any
 import torch
 
 from app.errors import ConfigError
-from app.optim.galore import _ProjectedAdamW
 
-__all__ = ["check_optimizer_adapter", "check_optimizer_strategy", "optimizer_class"]
+__all__ = ["check_optimizer_adapter", "full_weight_optimizer", "optimizer_class"]
 
 _OPTION = "model.init_args.optimizer"
 
@@ -48,6 +50,14 @@ def optimizer_class(factory: Any) -> type[torch.optim.Optimizer] | None:
     return None
 
 
+def full_weight_optimizer(factory: Any) -> type[torch.optim.Optimizer] | None:
+    """The optimizer class of ``factory`` if it declares a ``full_weights`` method, else
+    ``None``."""
+    cls = optimizer_class(factory)
+    spec = getattr(cls, "spec", None)
+    return cls if cls is not None and getattr(spec, "full_weights", False) else None
+
+
 def check_optimizer_adapter(
     optimizer_factory: Callable[..., torch.optim.Optimizer] | Any,
     adapter: object | None,
@@ -55,8 +65,8 @@ def check_optimizer_adapter(
 ) -> None:
     """Refuse optimizer / adapter / model combinations that cannot work, before training.
 
-    For GaLore / GaRare factories (:class:`~app.optim.galore.GaLoreAdamW`,
-    :class:`~app.optim.galore.GaRareAdamW` and subclasses); other optimizers pass unchecked.
+    For factories of optimizers that declare a ``full_weights`` method (GaLore / GaRare and
+    subclasses, :func:`full_weight_optimizer`); other optimizers pass unchecked.
 
     1. ``adapter`` must be ``None``: they optimise full weights.
     2. With ``model`` (a meta-device copy is enough; nothing is allocated), the factory is called
@@ -73,13 +83,13 @@ def check_optimizer_adapter(
     Raises:
         ConfigError: Naming the option to change.
     """
-    cls = optimizer_class(optimizer_factory)
-    if cls is None or not issubclass(cls, _ProjectedAdamW):
+    cls = full_weight_optimizer(optimizer_factory)
+    if cls is None:
         return
     if adapter is not None:
         raise ConfigError(
-            f"{_OPTION}: {cls.__name__} with adapter {type(adapter).__name__}: GaLore/GaRare "
-            "optimise full weights; set model.init_args.adapter: null")
+            f"{_OPTION}: {cls.__name__} with adapter {type(adapter).__name__}: "
+            f"{cls.spec.name} optimise full weights; set model.init_args.adapter: null")
     if model is None:
         return
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -88,50 +98,3 @@ def check_optimizer_adapter(
     except ValueError as err:
         raise ConfigError(f"{_OPTION}.init_args ({cls.__name__} on {type(model).__name__}): "
                           f"{err}") from None
-
-
-def check_optimizer_strategy(
-    optimizer_factory: Callable[..., torch.optim.Optimizer] | Any, strategy: object
-) -> None:
-    """Refuse GaLore / GaRare under a strategy that shards parameters, before the model is built.
-
-    The projection needs whole rows or columns of each targeted weight's gradient. FSDP
-    (``FSDPStrategy``; with ``use_orig_params`` each rank sees flat 1-D shards, so the optimizer
-    would silently find no 2-D weight), a plain ``ModelParallelStrategy`` and DeepSpeed are
-    refused. DDP, single-device runs and :class:`app.fsdp2.AdapterFSDP2Strategy` (weights
-    sharded along their long side; :mod:`app.optim.sharded_projection`) are supported.
-
-    Args:
-        optimizer_factory: The module's ``optimizer`` (an ``OptimizerCallable``).
-        strategy: ``trainer.strategy``.
-
-    Raises:
-        ConfigError: Naming the strategy and what to use instead.
-    """
-    cls = optimizer_class(optimizer_factory)
-    if cls is None or not issubclass(cls, _ProjectedAdamW):
-        return
-    from lightning.pytorch.strategies import (
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-    )
-
-    from app.fsdp2 import AdapterFSDP2Strategy
-
-    if isinstance(strategy, AdapterFSDP2Strategy):
-        if cls.__name__ == "GaRareAdamW":  # long-side shards: local projection, no collective
-            return
-        raise ConfigError(
-            f"{_OPTION}: {cls.__name__} does not support trainer.strategy="
-            f"{type(strategy).__name__} yet: its sharded subspace refresh (the all-reduced "
-            "short-side Gram matrix, app.optim.sharded_projection) does not yet reproduce a "
-            "single-process run; use trainer.strategy=ddp (configs/strategy/ddp.yaml), or "
-            "GaRare (configs/methods/garare.yaml) under FSDP2")
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
-        raise ConfigError(
-            f"{_OPTION}: {cls.__name__} does not support trainer.strategy="
-            f"{type(strategy).__name__}: it projects each targeted weight's gradient matrix "
-            "by rows or columns, and this strategy flattens or splits them arbitrarily; use "
-            "FSDP2 (configs/strategy/fsdp2.yaml: weights sharded along their long side) or "
-            "trainer.strategy=ddp (configs/strategy/ddp.yaml, every rank keeps full weights)")

@@ -51,350 +51,42 @@ sharded along their long side) the projection runs on local rows: see
 :mod:`app.optim.sharded_projection` (no collective per step; GaLore's refresh all-reduces the
 short-side Gram matrix).
 """
-
 from __future__ import annotations
 
-import math
-import zlib
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-import torch
-from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from app.optim import sharded_projection
+from app.adapters.contract import ALL_STRATEGIES, MethodSpec
+from app.optim.projected import ProjectedAdamW, projection_seed, random_projection
 
 __all__ = ["GaLoreAdamW", "GaRareAdamW", "projection_seed", "random_projection"]
 
-_MASK64 = (1 << 64) - 1
-_EMBEDDING_NAMES = ("wte", "wpe")
-_FP32_KEYS = ("exp_avg", "exp_avg_sq", "projector")
+
+def _spec(cls_name: str, fsdp2: bool) -> MethodSpec:
+    """GaLore's / GaRare's declaration (:mod:`app.adapters.contract`): the rank is the
+    optimizer's, the weights are full (``adapter: null``); FSDP1, a plain
+    ``ModelParallelStrategy`` and DeepSpeed are refused, FSDP2 too for GaLore (its sharded
+    subspace refresh does not yet reproduce one process)."""
+    refused = {"fsdp", "model_parallel", "deepspeed"} | (set() if fsdp2 else {"fsdp2"})
+    return MethodSpec(
+        name="GaLore/GaRare", rank_field="optimizer.rank",
+        strategies=ALL_STRATEGIES - refused,
+        strategy_owner=f"model.init_args.optimizer: {cls_name}",
+        strategy_reason="it projects each targeted weight's gradient matrix by rows or "
+                        "columns, and this strategy flattens or splits them arbitrarily; use "
+                        "FSDP2 (configs/strategy/fsdp2.yaml: weights sharded along their long "
+                        "side) or trainer.strategy=ddp (configs/strategy/ddp.yaml, every rank "
+                        "keeps full weights)",
+        kind_reasons=() if fsdp2 else (
+            ("fsdp2", " yet: its sharded subspace refresh (the all-reduced short-side Gram "
+                      "matrix, app.optim.sharded_projection) does not yet reproduce a "
+                      "single-process run; use trainer.strategy=ddp (configs/strategy/ddp.yaml), "
+                      "or GaRare (configs/methods/garare.yaml) under FSDP2"),),
+        full_weights=True)
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def projection_seed(seed: int, name: str, block: int) -> int:
-    """Deterministic generator seed for GaRare's projection of one parameter in one block.
-
-    Args:
-        seed: The run seed.
-        name: The parameter's name (hashed with ``zlib.crc32``, never Python's ``hash``).
-        block: ``step // update_proj_gap``.
-
-    Returns:
-        A 63-bit seed, a splitmix64 mix of ``(seed, crc32(name), block)``.
-    """
-    h = _splitmix64(seed & _MASK64)
-    h = _splitmix64(h ^ zlib.crc32(name.encode("utf-8")))
-    h = _splitmix64(h ^ (block & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-def random_projection(
-    name: str,
-    seed: int,
-    block: int,
-    shape: tuple[int, int],
-    rank: int,
-    device: torch.device | str | None = None,
-    normalisation: Literal["orthonormal", "gaussian"] = "orthonormal",
-) -> Tensor:
-    """GaRare's projector for a ``p x q`` weight, float32: a seeded Gaussian draw, scaled to
-    ``N(0, 1/r)`` entries (``"gaussian"``) or orthonormalised by QR (``"orthonormal"``); both
-    span the same subspace.
-
-    Args:
-        name: Parameter name.
-        seed: Run seed.
-        block: ``step // update_proj_gap``.
-        shape: ``(p, q)`` of the weight.
-        rank: ``r``.
-        device: Where to draw it (CPU and CUDA generators give different numbers, so a run
-            must be resumed on the same device type).
-        normalisation: ``"orthonormal"`` or ``"gaussian"`` (see the module docstring).
-
-    Returns:
-        ``P`` of shape ``(r, q)`` (rows orthonormal, or ``N(0, 1/r)`` entries) if ``p >= q``,
-        else ``(p, r)``.
-    """
-    p, q = shape
-    dim = min(q, p)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(projection_seed(seed, name, block))
-    z = torch.randn(dim, rank, generator=gen, device=device, dtype=torch.float32)
-    if normalisation == "gaussian":
-        z = z / math.sqrt(rank)
-        return z.T.contiguous() if p >= q else z
-    qmat, rmat = torch.linalg.qr(z)
-    signs = torch.where(torch.diagonal(rmat) < 0, -1.0, 1.0)
-    qmat = qmat * signs
-    return qmat.T.contiguous() if p >= q else qmat
-
-
-def _svd_projection(grad: Tensor, rank: int) -> Tensor:
-    """GaLore's projector: top-``r`` right (``p >= q``, ``r x q``) or left (``p x r``) vectors."""
-    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-    if grad.shape[0] >= grad.shape[1]:
-        return vh[:rank].contiguous()
-    return u[:, :rank].contiguous()
-
-
-def _matches(name: str, targets: list[str]) -> bool:
-    padded = f".{name}."
-    return any(f".{t.strip('.')}." in padded for t in targets)
-
-
-def _is_embedding(name: str) -> bool:
-    parts = name.lower().split(".")
-    return any("embed" in part or part in _EMBEDDING_NAMES for part in parts)
-
-
-def _hyper(group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
-    return group["lr"], group["betas"], group["eps"], group["weight_decay"]
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-class _ProjectedAdamW(Optimizer):
-    """Shared GaLore / GaRare implementation; use :class:`GaLoreAdamW` or :class:`GaRareAdamW`."""
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        target_modules: list[str] | None,
-        rank: int,
-        update_proj_gap: int,
-        scale: float,
-        projection: Literal["svd", "random"],
-        seed: int,
-        projection_norm: Literal["orthonormal", "gaussian"] = "orthonormal",
-        moments_on_proj_change: Literal["keep", "reset"] = "keep",
-    ) -> None:
-        for key, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            if value < 0.0:
-                raise ValueError(f"{key} must be >= 0, got {value}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if projection not in ("svd", "random"):
-            raise ValueError(f"projection must be 'svd' or 'random', got {projection!r}")
-        if projection_norm not in ("orthonormal", "gaussian"):
-            raise ValueError("projection_norm must be 'gaussian' or 'orthonormal', got "
-                             f"{projection_norm!r}")
-        if moments_on_proj_change not in ("keep", "reset"):
-            raise ValueError("moments_on_proj_change must be 'keep' or 'reset', got "
-                             f"{moments_on_proj_change!r}")
-        if isinstance(target_modules, str):
-            target_modules = [target_modules]
-        self.target_modules = None if target_modules is None else list(target_modules)
-        self.projection = projection
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "rank": rank,
-            "update_proj_gap": update_proj_gap,
-            "scale": scale,
-            "seed": seed,
-            "projection_norm": projection_norm,
-            "moments_on_proj_change": moments_on_proj_change,
-        }
-        super().__init__(params, defaults)
-        if self.target_modules is not None and not any(
-            any(g["projected"]) for g in self.param_groups
-        ):
-            two_d = [n for n, p in self._named(self.param_groups) if p.ndim == 2]
-            more = f" (and {len(two_d) - 5} more)" if len(two_d) > 5 else ""
-            shown = ", ".join(two_d[:5]) + more
-            raise ValueError(
-                f"target_modules={self.target_modules} matched no 2-D parameter name as a "
-                f"module-name component; 2-D parameters include: {shown or 'none'}"
-            )
-
-    @staticmethod
-    def _group_names(group: dict[str, Any], index: int) -> list[str]:
-        names = group.get("param_names")
-        if names is not None:
-            return list(names)
-        return [f"param_groups.{index}.{i}" for i in range(len(group["params"]))]
-
-    def _named(self, groups: list[dict[str, Any]]) -> list[tuple[str, Tensor]]:
-        return [
-            pair
-            for gi, g in enumerate(groups)
-            for pair in zip(self._group_names(g, gi), g["params"], strict=True)
-        ]
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (see ``torch.optim.Optimizer``) and decide which of its weights to project.
-
-        Raises:
-            ValueError: Unnamed parameters with ``target_modules`` set, ``rank`` < 1,
-                ``update_proj_gap`` < 1, or ``rank`` above ``min(p, q)`` of a targeted weight.
-        """
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        rank, gap = group["rank"], group["update_proj_gap"]
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-        if not isinstance(gap, int) or gap < 1:
-            raise ValueError(f"update_proj_gap must be an integer >= 1, got {gap!r}")
-        named = "param_names" in group
-        if self.target_modules is not None and not named:
-            raise ValueError(
-                "target_modules needs named parameters to select weights: pass "
-                "model.named_parameters() (or param groups whose 'params' are (name, tensor) "
-                "pairs), or set target_modules=None to project every 2-D parameter"
-            )
-        flags: list[bool] = []
-        for name, p in zip(self._group_names(group, len(self.param_groups) - 1), group["params"],
-                           strict=True):
-            if p.ndim != 2:
-                flags.append(False)
-                continue
-            if self.target_modules is None:
-                flags.append(not (named and _is_embedding(name)))
-            else:
-                flags.append(_matches(name, self.target_modules))
-            if flags[-1] and rank > min(p.shape):
-                raise ValueError(
-                    f"rank={rank} exceeds min(p, q)={min(p.shape)} of targeted weight '{name}' "
-                    f"with shape {tuple(p.shape)}; lower rank or leave it out of target_modules"
-                )
-            if flags[-1] and _is_dtensor(p):  # FSDP2: sharded along the long side only
-                sharded_projection.check_placement(name, p)
-        group["projected"] = flags
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping projected moments / projector in float32.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter dtype;
-        for projected weights the float32 tensors are restored afterwards.
-        """
-        keep: list[tuple[Tensor, dict[str, Tensor]]] = []
-        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
-            flags = saved.get("projected", [False] * len(saved["params"]))
-            for idx, p, projected in zip(saved["params"], group["params"], flags, strict=True):
-                st = state_dict["state"].get(idx, {})
-                if projected:
-                    keep.append((p, {k: st[k] for k in _FP32_KEYS if k in st}))
-        super().load_state_dict(state_dict)
-        for p, tensors in keep:
-            for key, value in tensors.items():
-                self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: Optional callable re-evaluating the model and returning the loss.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            names = self._group_names(group, gi)
-            for name, p, projected in zip(names, group["params"], group["projected"],
-                                          strict=True):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if projected:
-                    self._projected_step(name, p, group)
-                else:
-                    self._adamw_step(p, group)
-        return loss
-
-    def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
-        """``torch.optim.AdamW``'s single-tensor update, operation for operation."""
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lr, (beta1, beta2), eps, wd = _hyper(group)
-        grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
-        state["step"] += 1
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = state["step"].item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
-
-    def _projector(self, name: str, p: Tensor, grad: Tensor, step: int,
-                   group: dict[str, Any]) -> Tensor:
-        gap, rank = group["update_proj_gap"], group["rank"]
-        if self.projection == "random":
-            return random_projection(name, group["seed"], step // gap, tuple(p.shape), rank,
-                                     p.device, group.get("projection_norm", "orthonormal"))
-        state = self.state[p]
-        if step % gap == 0 or "projector" not in state:
-            if _is_dtensor(p):  # FSDP2: short-side Gram matrix, one all-reduce
-                state["projector"] = sharded_projection.gram_projection(
-                    grad, rank, p.shape[0] >= p.shape[1], sharded_projection.reducer(p))
-            else:
-                state["projector"] = _svd_projection(grad, rank)
-        return state["projector"]
-
-    def _projected_step(self, name: str, p: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        # FSDP2: the local rows (columns) of a weight sharded along its long side; the
-        # projection acts on the short side, whole on every rank (app.optim.sharded_projection)
-        grad = sharded_projection.local_view(p.grad).to(torch.float32)
-        tall = p.shape[0] >= p.shape[1]
-        state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
-        proj = self._projector(name, p, grad, int(state["step"].item()), group)
-        low = grad @ proj.T if tall else proj.T @ grad
-        if "exp_avg" not in state:
-            rank = group["rank"]
-            state["exp_avg"] = sharded_projection.as_state(torch.zeros_like(low), p, rank)
-            state["exp_avg_sq"] = sharded_projection.as_state(torch.zeros_like(low), p, rank)
-        lr, (beta1, beta2), eps, wd = _hyper(group)
-        exp_avg = sharded_projection.local_view(state["exp_avg"])
-        exp_avg_sq = sharded_projection.local_view(state["exp_avg_sq"])
-        done, gap = int(state["step"].item()), group["update_proj_gap"]
-        reset = group.get("moments_on_proj_change", "keep") == "reset"
-        if reset and done > 0 and done % gap == 0:  # a new subspace starts at this step
-            exp_avg.zero_()
-            exp_avg_sq.zero_()
-        state["step"] += 1
-        # Bias correction counts the steps since the moments last started from zero.
-        step = done % gap + 1 if reset else state["step"].item()
-        exp_avg.lerp_(low, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        direction = (exp_avg / (1 - beta1**step)) / denom
-        update = direction @ proj if tall else proj @ direction
-        target = sharded_projection.local_view(p)
-        target.add_(update.to(p.dtype), alpha=-lr * group["scale"])
-        if wd != 0:
-            target.mul_(1 - lr * wd)
-
-
-class GaLoreAdamW(_ProjectedAdamW):
+class GaLoreAdamW(ProjectedAdamW):
     r"""GaLore: AdamW whose moments live in a periodically refreshed SVD gradient subspace.
 
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
@@ -425,6 +117,9 @@ class GaLoreAdamW(_ProjectedAdamW):
             ``P`` is recomputed (module docstring).
     """
 
+    projection: ClassVar[Literal["svd", "random"]] = "svd"
+    spec: ClassVar[MethodSpec] = _spec("GaLoreAdamW", fsdp2=False)
+
     def __init__(
         self,
         params: ParamsT,
@@ -439,11 +134,11 @@ class GaLoreAdamW(_ProjectedAdamW):
         moments_on_proj_change: Literal["keep", "reset"] = "keep",
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, target_modules, rank,
-                         update_proj_gap, scale, projection="svd", seed=0,
+                         update_proj_gap, scale, seed=0,
                          moments_on_proj_change=moments_on_proj_change)
 
 
-class GaRareAdamW(_ProjectedAdamW):
+class GaRareAdamW(ProjectedAdamW):
     r"""GaRare: GaLore with a random projection regenerated every step instead of the SVD.
 
     Liu et al., "On the Optimization Landscape of Low Rank Adaptation Methods for LLMs",
@@ -472,6 +167,9 @@ class GaRareAdamW(_ProjectedAdamW):
             every projection change.
     """
 
+    projection: ClassVar[Literal["svd", "random"]] = "random"
+    spec: ClassVar[MethodSpec] = _spec("GaRareAdamW", fsdp2=True)
+
     def __init__(
         self,
         params: ParamsT,
@@ -488,6 +186,6 @@ class GaRareAdamW(_ProjectedAdamW):
         moments_on_proj_change: Literal["keep", "reset"] = "keep",
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, target_modules, rank,
-                         update_proj_gap, scale, projection="random", seed=seed,
+                         update_proj_gap, scale, seed=seed,
                          projection_norm=projection_norm,
                          moments_on_proj_change=moments_on_proj_change)

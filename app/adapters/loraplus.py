@@ -1,0 +1,69 @@
+"""LoRA+ (Hayou et al., "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024) as a
+declared method: PEFT LoRA whose ``B`` factors learn ``loraplus_lr_ratio`` times faster, with
+the optimizer groups built by PEFT's ``peft.optimizers.create_loraplus_optimizer``.
+
+Declaration (:mod:`app.adapters.contract`): rank ``r``; every strategy but FSDP (PEFT tells A
+from B partly by parameter dimensions, which FSDP1 flattens); every precision; the export is
+plain PEFT LoRA (``loraplus_lr_ratio`` is dropped from ``adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from app.adapters.contract import ALL_STRATEGIES, MethodSpec
+from app.adapters.peft_family import LoraFamilyConfig
+from app.errors import ConfigError
+
+__all__ = ["LoraPlusConfig"]
+
+
+@dataclass
+class LoraPlusConfig(LoraFamilyConfig):
+    """``peft.LoraConfig`` plus LoRA+'s learning-rate ratio.
+
+    Args:
+        loraplus_lr_ratio: ``lr_B / lr_A``; the optimizer's ``lr`` is A's rate (the paper
+            recommends 16 for most tasks, PEFT's helper documents the same).
+    """
+
+    loraplus_lr_ratio: float = field(
+        default=16.0,
+        metadata={"help": "LoRA+: B factors get this multiple of the optimizer's lr (> 0)."},
+    )
+
+    _own_fields: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio",)
+    spec: ClassVar[MethodSpec] = MethodSpec(
+        name="LoRA+", rank_field="adapter.r", strategies=ALL_STRATEGIES - {"fsdp"},
+        strategy_owner="model.init_args.adapter.init_args.loraplus_lr_ratio (LoRA+)",
+        strategy_reason="PEFT's create_loraplus_optimizer tells A from B partly by parameter "
+                        "dimensions, which FSDP flattens; use FSDP2 "
+                        "(configs/strategy/fsdp2.yaml) or trainer.strategy=ddp "
+                        "(configs/strategy/ddp.yaml)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ratio = self.loraplus_lr_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
+                math.isfinite(ratio) and ratio > 0):
+            raise ConfigError("model.init_args.adapter.init_args.loraplus_lr_ratio must be a "
+                              f"finite number > 0, got {ratio!r}")
+
+    def build_optimizer(self, model: torch.nn.Module, factory: Any,
+                        groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """PEFT's LoRA+ groups over ``model``; ``factory``'s own ``lr`` / ``weight_decay``
+        are A's rate and every group's decay (read from a one-parameter probe)."""
+        from peft.optimizers import create_loraplus_optimizer
+
+        probe = factory([torch.nn.Parameter(torch.zeros(1))]).defaults
+
+        def build(param_groups: Any, **kwargs: Any) -> torch.optim.Optimizer:
+            return factory(param_groups, **kwargs)
+
+        return create_loraplus_optimizer(
+            model, build, lr=probe["lr"], loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=probe.get("weight_decay", 0.0))

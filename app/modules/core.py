@@ -1,0 +1,176 @@
+"""What every task module does with its model, as plain functions.
+
+The task modules (:mod:`app.modules.classification`, ...) hold a Hugging Face model and a
+method (:func:`app.adapters.resolve_method`); :class:`app.modules.adapted.AdaptedModule` wires
+these functions into Lightning's hooks, so a task module adds only its steps and metrics:
+
+- :func:`prepare_method`: the start-up checks on a meta-device copy of the model;
+- :func:`build_model`: load the pretrained model and apply the method;
+- :func:`parameter_groups`: named groups, weight decay off for vectors and the method's
+  ``no_decay`` factors;
+- :func:`trainable_state_keys`: what an adapter-only checkpoint holds;
+- :func:`rng_states` / :func:`restore_rng_states`: the global random states of every rank;
+- :func:`save_preprocessor`: the tokenizer (or image processor) beside an export.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from app.adapters import (
+    adapter_state_keys,
+    check_adapter,
+    head_module_names,
+    resolve_method,
+)
+from app.adapters.contract import Method, MethodSpec
+from app.adapters.targets import with_default_targets
+from app.errors import ConfigError
+from app.hub import load_pretrained
+from app.optim.compat import check_optimizer_adapter
+
+__all__ = [
+    "build_model",
+    "count_parameters",
+    "parameter_groups",
+    "prepare_method",
+    "restore_rng_states",
+    "rng_states",
+    "save_preprocessor",
+    "trainable_state_keys",
+]
+
+log = logging.getLogger(__name__)
+
+#: Name parts that FSDP1 / activation checkpointing insert into wrapped parameters' names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def prepare_method(model_class: Any, hf_config: Any, adapter: object | None,
+                   optimizer: Any) -> tuple[object | None, Method]:
+    """Resolve and check the method on a meta-device model (nothing is allocated).
+
+    Args:
+        model_class: The task's ``AutoModelFor*`` class.
+        hf_config: The model config.
+        adapter: ``model.init_args.adapter``.
+        optimizer: ``model.init_args.optimizer``.
+
+    Returns:
+        ``(adapter, method)``: the adapter with a null ``target_modules`` filled for models
+        PEFT has no default for (a copy; the given one is unchanged) and its method.
+
+    Raises:
+        ConfigError: Targets that match nothing, an optimizer that cannot train this
+            adapter / model, an adapter of unknown kind.
+    """
+    with torch.device("meta"):
+        meta_model = model_class.from_config(hf_config)
+        adapter = with_default_targets(meta_model, adapter)
+        method = resolve_method(adapter, optimizer)
+        check_adapter(meta_model, method)
+        check_optimizer_adapter(optimizer, adapter, meta_model)
+    return adapter, method
+
+
+def build_model(model_class: Any, checkpoint: str, hf_config: Any,
+                method: Method) -> tuple[torch.nn.Module, list[str]]:
+    """Load the pretrained model and apply the method; the task heads stay trainable.
+
+    Returns:
+        ``(model, head module names)``, the model in training mode.
+    """
+    base = load_pretrained(model_class, checkpoint, config=hf_config)
+    heads = head_module_names(base)
+    model = method.apply(base, heads)
+    model.train()  # from_pretrained returns eval mode; dropout must be on for fit
+    return model, heads
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without the wrapper parts FSDP adds (the name before the model was wrapped)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def parameter_groups(model: torch.nn.Module, no_decay: tuple[str, ...],
+                     ndims: dict[str, int]) -> list[dict[str, Any]]:
+    """Named parameter groups: weight decay on matrices, none on vectors and on parameters
+    whose name contains a ``no_decay`` part (torch optimizers record the names as
+    ``param_names``).
+
+    Args:
+        model: The (possibly FSDP-wrapped) model.
+        no_decay: The method's ``spec.no_decay``.
+        ndims: Each parameter's real rank by unwrapped name (FSDP1 shows flat 1-D shards).
+    """
+    decay, kept = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            name = unwrapped_name(name)
+            ndim = ndims.get(name, param.ndim)
+            skip = ndim < 2 or any(p in name for p in no_decay)
+            (kept if skip else decay).append((name, param))
+    groups = [{"params": decay}, {"params": kept, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def trainable_state_keys(model: torch.nn.Module, spec: MethodSpec) -> frozenset[str]:
+    """The module ``state_dict`` keys (``model.`` + ...) an adapter-only checkpoint holds."""
+    return frozenset(f"model.{k}" for k in adapter_state_keys(model, spec))
+
+
+def _local_rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global random states (CPU, and CUDA once initialised), plus every
+    rank's under ``per_rank`` in a multi-process run (a collective: call on every rank).
+
+    Dropout draws from the global generators: restoring them makes a resumed run continue
+    exactly as an uninterrupted one (the data order is seeded separately). Ranks draw
+    different amounts (dropout over differently padded batches), so each rank's is kept.
+    """
+    states = _local_rng_states()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        per_rank: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, _local_rng_states())
+        states["per_rank"] = per_rank
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], rank: int, world_size: int) -> None:
+    """Restore what :func:`rng_states` saved: this rank's own states when the run has the
+    same number of processes, else the saving process's."""
+    per_rank = states.get("per_rank") or []
+    if rank < len(per_rank) and len(per_rank) == world_size:
+        states = per_rank[rank]
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_preprocessor(folder: Any, source: str, factory: Any) -> None:
+    """Save ``factory.from_pretrained(source)`` (a tokenizer or image processor) into
+    ``folder``; a model without one (an image model has no tokenizer) is logged and skipped."""
+    try:
+        processor = load_pretrained(factory, source)
+    except (ConfigError, ValueError, OSError) as err:
+        log.info("no %s saved with the adapter: %s", getattr(factory, "__name__", factory), err)
+        return
+    processor.save_pretrained(str(folder))
