@@ -2,10 +2,12 @@
 
 One place for the refusals that depend on the method: the strategy
 (:attr:`MethodSpec.strategies <app.adapters.contract.MethodSpec>`), the precision
-(``precisions``) and the callbacks its constraint needs (``callbacks``, plus the
-:class:`~app.adapters.contract.Constraint`'s ``callback``). The task modules run them in
-``configure_model`` (before anything is loaded) and the geometry callbacks in ``setup`` (so a
-callback used on its own refuses the same way); every message names the option to change.
+(``precisions``) and the callbacks it needs (``callbacks``, plus the
+:class:`~app.adapters.contract.Constraint`'s ``callback``: a run without one is told so at
+start-up, since a control run without the constraint is a legitimate experiment). The task
+modules run them in ``configure_model`` (before anything is loaded) and the geometry callbacks
+in ``setup`` (so a callback used on its own refuses the same way); every message names the
+option to change.
 
 Rules that hold for every method live here too: a plain ``ModelParallelStrategy`` is refused
 by the task modules, which do not shard the model in ``configure_model``; FSDP2 goes through
@@ -82,8 +84,8 @@ def _load(class_path: str) -> type:
 
 
 def missing_callbacks(spec: MethodSpec, constraint: Constraint | None,
-                      present: Iterable[object]) -> list[object]:
-    """Default instances of the callbacks the method needs and ``present`` lacks.
+                      present: Iterable[object]) -> list[str]:
+    """Class paths of the callbacks the method needs that ``present`` lacks.
 
     Args:
         spec: The method's declaration (``callbacks``).
@@ -98,5 +100,5 @@ def missing_callbacks(spec: MethodSpec, constraint: Constraint | None,
     for path in paths:
         cls = _load(path)
         if not any(isinstance(cb, cls) for cb in have):
-            out.append(cls())
+            out.append(path)
     return out

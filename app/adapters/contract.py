@@ -129,8 +129,8 @@ class MethodSpec:
         no_decay: Parameter-name substrings kept out of weight decay (constrained factors).
         state_markers: ``state_dict`` substrings of adapter tensors a checkpoint keeps even
             when frozen (our own layers; PEFT layers are found by PEFT's prefix).
-        callbacks: Class paths of callbacks the method needs; the task module adds a default
-            instance of each one missing from ``trainer.callbacks`` (and says so).
+        callbacks: Class paths of callbacks the method needs; a fit whose
+            ``trainer.callbacks`` lacks one is warned at start-up, naming the class to add.
         full_weights: It optimises the full weights (GaLore, GaRare): ``adapter`` must be null.
     """
 

@@ -243,8 +243,8 @@ class AlloraConfig(LoraFamilyConfig):
     )
 
     _own_fields: ClassVar[tuple[str, ...]] = ("eta",)
-    #: The update scaling is :class:`app.callbacks.allora.AlloraUpdateScaling` (added by the
-    #: task module when the YAML does not list it); row norms need whole factors.
+    #: The update scaling is :class:`app.callbacks.allora.AlloraUpdateScaling` (a fit without
+    #: it is warned at start-up); row norms need whole factors.
     spec: ClassVar[MethodSpec] = MethodSpec(
         name="ALLoRA", rank_field="adapter.r", strategies=ROWWISE,
         strategy_owner="AlloraUpdateScaling", strategy_reason=ROWWISE_REASON,

@@ -53,7 +53,7 @@ class ManifoldLoraConfig(LoraFamilyConfig):
 
     Declaration (:mod:`app.adapters.contract`): ``B`` is constrained to ``manifold`` by
     :class:`app.callbacks.landing.LandingCallback`, which reads the manifold and the factor
-    names from :meth:`constraint` (added by the task module when the YAML does not list it);
+    names from :meth:`constraint` (a fit without it is warned at start-up);
     ``B`` is kept out of weight decay; single device or DDP; fp32 master weights; rank ``r``;
     plain PEFT LoRA export.
 

@@ -164,8 +164,8 @@ class StellaConfig(AdapterConfig):
 
     Declaration (:mod:`app.adapters.contract`): ``U`` and ``V`` are constrained to the Stiefel
     manifold by :class:`app.callbacks.stella.StellaCallback` (Riemannian gradient before the
-    optimizer step, projection and retraction after it; added by the task module when the
-    YAML does not list it) and kept out of weight decay, with ``S`` (as the public code's
+    optimizer step, projection and retraction after it; a fit without it is warned at
+    start-up) and kept out of weight decay, with ``S`` (as the public code's
     optimizer groups do); single device or DDP only (the
     retraction needs whole factors); fp32 master weights (``32-true`` or ``bf16-mixed``);
     the rank is ``r``; the export is a standard PEFT LoRA adapter (:meth:`export`).

@@ -138,7 +138,7 @@ class LandingCallback(StatefulCallback):
         self._a_snapshot: list[Tensor] | None = None
         self._reduce: Any = None
         self._hooks = OptimizerStepHooks(self._pre_step, self._post_step)
-        self._manifold: str | None = None  # resolved at fit start
+        self._manifold: str | None = manifold  # the adapter's, resolved at fit start
         self._names: list[tuple[str, ...]] = []
 
     # -- start-up checks ------------------------------------------------------------------

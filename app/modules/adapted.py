@@ -7,7 +7,7 @@ steps and metrics; nothing else. The work itself is done by the plain functions 
 :mod:`app.modules.core` and by the method (:mod:`app.adapters.contract`): which parameters are
 trained, kept out of weight decay, checkpointed and exported, which strategies and precisions
 are refused (:mod:`app.adapters.checks`), and which callbacks the method needs
-(:meth:`AdaptedModule.configure_callbacks` adds the missing ones).
+(:meth:`AdaptedModule.configure_callbacks` names a missing one at start-up).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from transformers import AutoConfig, AutoTokenizer
 
@@ -128,13 +128,15 @@ class AdaptedModule(L.LightningModule):
         check_strategy(self.method.spec, strategy, type(self).__name__)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The callbacks the method needs that ``trainer.callbacks`` lacks, with defaults."""
-        added = missing_callbacks(self.method.spec, self.method.constraint(),
-                                  self.trainer.callbacks)
-        for callback in added:
-            rank_zero_info(f"{self.method.spec.name} needs {type(callback).__name__}: added "
-                           "with its defaults (list it in trainer.callbacks to set options)")
-        return added
+        """Say at the start of ``fit`` which callbacks the method needs and the run lacks
+        (the run goes on: a control run without the constraint is a legitimate choice)."""
+        if self.trainer.state.fn == "fit":
+            for path in missing_callbacks(self.method.spec, self.method.constraint(),
+                                          self.trainer.callbacks):
+                rank_zero_warn(f"{self.method.spec.name} needs trainer.callbacks class_path "
+                               f"{path}; without it the method is trained without its "
+                               "constraint / update rule (configs/methods/ lists it)")
+        return []
 
     @property
     def trainable_state_keys(self) -> set[str]:

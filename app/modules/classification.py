@@ -55,18 +55,19 @@ class ClassificationModule(AdaptedModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
     ) -> None:
-        self.spec = get_task(task)
-        if num_labels != self.spec.num_labels:
+        spec = get_task(task)
+        if num_labels != spec.num_labels:
             from app.errors import ConfigError
 
             raise ConfigError(
-                f"model.init_args.num_labels={num_labels} but GLUE {self.spec.name} has "
-                f"{self.spec.num_labels}; leave it to the data link"
+                f"model.init_args.num_labels={num_labels} but GLUE {spec.name} has "
+                f"{spec.num_labels}; leave it to the data link"
             )
-        self.num_labels = num_labels
         super().__init__(checkpoint, adapter, optimizer, scheduler,
                          model_class=AutoModelForSequenceClassification,
-                         config_kwargs=_config_kwargs(self.spec))
+                         config_kwargs=_config_kwargs(spec))
+        self.spec = spec
+        self.num_labels = num_labels
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         splits = list(self.spec.validation_splits)
         self.split_names = ["" if len(splits) == 1 else s.split("_", 1)[1] for s in splits]

@@ -95,12 +95,7 @@ class ImageClassificationModule(AdaptedModule):
                 f"model.init_args.class_names has {len(class_names)} names but num_labels is "
                 f"{num_labels}; leave both to the data links"
             )
-        self.task = task
-        self.num_labels = num_labels
-        self.class_names = list(class_names) if class_names is not None else None
-        self.domain_names = list(domain_names) if domain_names is not None else None
-        self.test_domains = list(dict.fromkeys(test_domains)) if test_domains else None
-        names = self.class_names or [f"LABEL_{i}" for i in range(num_labels)]
+        names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(num_labels)]
         super().__init__(
             checkpoint, adapter, optimizer, scheduler,
             model_class=ImageClassifierFactory, preprocessor_class=AutoImageProcessor,
@@ -108,6 +103,11 @@ class ImageClassificationModule(AdaptedModule):
                            "problem_type": "single_label_classification",
                            "id2label": dict(enumerate(names)),
                            "label2id": {name: i for i, name in enumerate(names)}})
+        self.task = task
+        self.num_labels = num_labels
+        self.class_names = list(class_names) if class_names is not None else None
+        self.domain_names = list(domain_names) if domain_names is not None else None
+        self.test_domains = list(dict.fromkeys(test_domains)) if test_domains else None
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # micro = plain accuracy (torchmetrics' default for multiclass is macro).
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")

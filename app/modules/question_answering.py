@@ -58,10 +58,10 @@ class QuestionAnsweringModule(AdaptedModule):
         if num_labels != 2:
             raise ConfigError(f"model.init_args.num_labels={num_labels}: extractive QA has "
                               "exactly 2 span logits (start, end)")
-        self.task = task
-        self.version_2 = task == "squad_v2"
         super().__init__(checkpoint, adapter, optimizer, scheduler,
                          model_class=AutoModelForQuestionAnswering)
+        self.task = task
+        self.version_2 = task == "squad_v2"
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.n_best_size = n_best_size
         self.max_answer_length = max_answer_length
