@@ -182,6 +182,10 @@ class LandingCallback(StatefulCallback):
         a_patterns = self.a_patterns or declared.partners
         return self.manifold or declared.manifold, patterns, a_patterns
 
+    def manifold_for(self, pl_module: L.LightningModule) -> str:
+        """The manifold this callback keeps ``B`` on for ``pl_module``: the adapter's."""
+        return self._declared(pl_module)[0]
+
     def _select(self, pl_module: L.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
         _, patterns, _ = self._declared(pl_module)
         return select_factors(pl_module, patterns, "LandingCallback",
@@ -196,7 +200,7 @@ class LandingCallback(StatefulCallback):
     def constrained_factors(self, pl_module: L.LightningModule) -> list[tuple[str, Tensor, str]]:
         """``(name, B (out x r), manifold)`` for every ``B`` (drift-monitor protocol)."""
         factors = self._factors or self._select(pl_module)
-        manifold = self._manifold or self._declared(pl_module)[0]
+        manifold = self._manifold or self.manifold_for(pl_module)
         return [(n, tall(p.detach()), manifold) for n, p in factors]
 
     # -- hooks ----------------------------------------------------------------------------
