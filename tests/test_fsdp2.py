@@ -183,14 +183,16 @@ def test_manifold_step_moves_r_by_r_per_factor(runs: Path) -> None:
 
 
 def test_galore_is_refused_under_fsdp2_with_what_to_use() -> None:
+    from app.adapters import resolve_method
+    from app.adapters.checks import check_strategy
     from app.errors import ConfigError
     from app.fsdp2 import AdapterFSDP2Strategy
-    from app.optim.compat import check_optimizer_strategy
     from app.optim.galore import GaLoreAdamW
 
     assert "galore" in METHODS and REFUSED <= set(METHODS)
+    spec = resolve_method(None, functools.partial(GaLoreAdamW, rank=4)).spec
     with pytest.raises(ConfigError, match="configs/strategy/ddp.yaml"):
-        check_optimizer_strategy(functools.partial(GaLoreAdamW, rank=4), AdapterFSDP2Strategy())
+        check_strategy(spec, AdapterFSDP2Strategy())
 
 
 def test_shard_placement_follows_the_long_dimension() -> None:
