@@ -70,7 +70,7 @@ COVERED_ELSEWHERE = {"full", "lora", "stella", "manifold_sphere", "garare"}
 def test_every_method_has_a_resume_test() -> None:
     assert set(METHODS) - COVERED_ELSEWHERE == {
         "allora", "asymmetric", "dora", "galore", "loraplus", "manifold_stiefel", "pissa",
-        "rslora"}
+        "riemannian_lora", "rslora"}
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - COVERED_ELSEWHERE))
