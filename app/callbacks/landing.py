@@ -266,7 +266,7 @@ class LandingCallback(StatefulCallback):
             for j, (a, a_old) in enumerate(zip(a_params, self._a_snapshot)):
                 a_new = local(a.data)
                 a_new.copy_(a_old + scale[j] * (a_new - a_old))
-        sharded.landing(self._snapshot, news, self.mu, self.manifold, outs=news,
+        sharded.landing(self._snapshot, news, self.mu, self._manifold, outs=news,
                         reduce=self._reduce)
         self._snapshot = self._a_snapshot = None
         self.num_steps += 1

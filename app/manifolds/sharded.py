@@ -99,6 +99,8 @@ def landing(xs: Sequence[Tensor], news: Sequence[Tensor], mu: float, manifold: s
         outs: Where to write (may be ``news``).
         reduce: In-place all-reduce of the small products, or ``None``.
     """
+    if manifold not in ("stiefel", "sphere"):
+        raise ValueError(f"manifold must be 'stiefel' or 'sphere', got {manifold!r}")
     for (r, dtype, device), idx in _groups(xs).items():
         if manifold == "stiefel":
             small = torch.empty(len(idx), 2, r, r, dtype=dtype, device=device)

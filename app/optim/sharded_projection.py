@@ -19,7 +19,16 @@ shape ``r x q`` for ``p >= q``, ``R = P^T G`` with ``P`` of shape ``p x r`` othe
   ``min(p, q)`` symmetric eigendecomposition.
 
 Singular vectors are defined up to sign; :func:`sign_fixed` makes every vector's largest
-entry positive so that sharded and single-device refreshes pick the same ``P``.
+entry positive. Status: GaLore under FSDP2 is still refused at start-up. On the tiny test
+model a two-rank GaLore run drifts from a one-process run (3e-4 after 6 steps with the SVD
+refresh on one process, still above 1e-5 after 20 steps with this same Gram refresh on one
+process): the layers' gradients have near-zero singular directions inside the top ``r``,
+whose basis depends on rounding (SVD vs Gram, reduction order), and Adam's normalisation
+turns those tiny components into full-size steps. GaRare (random ``P``) matches to 1e-7.
+
+GaRare deviation from the issue's sketch ("each rank generates its rows of ``P``"): with the
+projection on the short side ``P`` is never sharded, so every rank draws all of it
+(``r x min(p, q)``) from the same seed; nothing is communicated.
 
 The moments are kept as ``DTensor`` s with the parameter's placement, so sharded
 (distributed-checkpoint) and full optimizer state dicts save and resume them.
