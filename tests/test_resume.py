@@ -107,6 +107,29 @@ def test_resume_from_an_epoch_end_checkpoint(save: str, stop: int, tiny_ckpt, gl
         torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("stop", [4, 9], ids=["mid-epoch", "second-epoch"])
+def test_resume_when_the_schedule_builds_the_loader_before_the_restore(
+        stop: int, tiny_ckpt, glue_dir: Path, tmp_path: Path) -> None:
+    """With ``max_epochs`` set (every data fragment sets it) the schedule's
+    ``estimated_stepping_batches`` builds the training loader before Lightning restores the
+    loops, and Lightning then never applied the saved position: the resumed run replayed the
+    epoch from its first batch. The runs above set only ``max_steps``, for which Lightning
+    answers without building the loader, so they never took this path."""
+    ckpt = tiny_ckpt("bert")
+    epochs = ("--trainer.max_epochs", "10")
+    whole = trainable(run(tmp_path / "a", ckpt, glue_dir, LORA_DROPOUT, *epochs))
+    stopped = tmp_path / "b"
+    with pytest.raises(Crash):
+        run(stopped, ckpt, glue_dir, LORA_DROPOUT, *epochs,
+            "--trainer.callbacks+=test_resume.StopAtStep", f"--trainer.callbacks.step={stop}")
+    last = next((stopped / "runs/lightning_logs").iterdir()) / "checkpoints/last.ckpt"
+    resumed = run(stopped, ckpt, glue_dir, LORA_DROPOUT, *epochs, "--ckpt_path", str(last))
+    assert resumed.trainer.global_step == 15
+    got = trainable(resumed)
+    for name in whole:
+        torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
+
+
 def test_epoch_sampler_reads_the_epoch_from_the_trainer_when_iteration_starts() -> None:
     epoch = {"now": 1}
     sampler = EpochShuffleSampler(20, seed=3, epoch_fn=lambda: epoch["now"])

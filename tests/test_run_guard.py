@@ -72,6 +72,8 @@ def test_interrupt_leaves_resumable_checkpoint(signum, tiny_ckpt, glue_dir: Path
             "--trainer.callbacks+=test_run_guard.SignalAtStep", "--trainer.callbacks.step=4",
             f"--trainer.callbacks.signum={int(signum)}")
     assert "SIGTERM" in type(exc.value).__name__
+    # the exit status a shell reports for the signal: 143 (SIGTERM), 130 (Ctrl-C), never 0
+    assert exc.value.code == 128 + int(signum)
     assert signal.getsignal(signal.SIGINT) == previous  # handler restored
     (run_dir,) = (stopped / "runs/lightning_logs").iterdir()
     assert not (run_dir / "adapter").exists()
@@ -82,3 +84,16 @@ def test_interrupt_leaves_resumable_checkpoint(signum, tiny_ckpt, glue_dir: Path
     got = trainable(resumed)
     for name in whole:
         torch.testing.assert_close(got[name], whole[name], rtol=0, atol=0, msg=name)
+
+
+def test_main_exits_non_zero_after_sigterm(tiny_ckpt, glue_dir: Path, tmp_path: Path,
+                                           capsys) -> None:
+    """``lightning-cli`` (``app.cli.main``) exits 143 even when no RunGuard set the code."""
+    from tiny import glue_run_config, write_yaml
+
+    cfg = glue_run_config(tiny_ckpt("bert"), glue_dir, tmp_path / "runs", max_steps=6)
+    path = write_yaml(tmp_path / "run.yaml", cfg)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(path), "--run_guard.save_on_interrupt", "false",
+              "--trainer.callbacks+=test_run_guard.SignalAtStep", "--trainer.callbacks.step=2"])
+    assert exc.value.code == 143

@@ -8,6 +8,10 @@
   interrupts at once. At that boundary a resumable ``last.ckpt`` is written (under a
   temporary name, then renamed) and the end-of-fit adapter export is skipped, so nothing
   half-written looks like a result.
+- A run stopped that way exits with the shell's convention for a signal, ``128 + signal``:
+  **143** after SIGTERM, **130** after Ctrl-C, so schedulers and scripts see that it did not
+  finish (the ``SIGTERMException`` Lightning raises is a ``SystemExit`` whose code is set here;
+  ``app.cli.main`` makes sure it is never 0).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from app.errors import RunError
+from app.errors import ConfigError, RunError
 
 
 class RunGuard(L.Callback):
@@ -39,6 +43,7 @@ class RunGuard(L.Callback):
         self.save_on_interrupt = save_on_interrupt
         self._previous_sigint: Any = None
         self.interrupt_checkpoint: Path | None = None
+        self.stop_signal: int = int(signal.SIGTERM)
 
     # -- non-finite loss ------------------------------------------------------------------
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -69,6 +74,7 @@ class RunGuard(L.Callback):
         def first_ctrl_c(signum: int, frame: Any) -> None:
             rank_zero_info("Ctrl-C: stopping at the end of this batch (press again to abort)")
             trainer._signal_connector.received_sigterm = True
+            self.stop_signal = int(signal.SIGINT)
             signal.signal(signal.SIGINT, previous)
 
         self._previous_sigint = previous
@@ -86,6 +92,10 @@ class RunGuard(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._restore_sigint()
+        if isinstance(exception, ConfigError) and trainer.global_step == 0:
+            remove_failed_start(trainer)
+        if isinstance(exception, SIGTERMException):
+            exception.code = exit_status(self.stop_signal)
         if not (self.save_on_interrupt and isinstance(exception, SIGTERMException)):
             return
         if trainer.state.fn != "fit":
@@ -98,6 +108,37 @@ class RunGuard(L.Callback):
         self.interrupt_checkpoint = target
         rank_zero_info(f"interrupted at step {trainer.global_step}: resumable checkpoint "
                        f"{target} (resume with --ckpt_path {target})")
+
+
+#: What a start that failed leaves in the logger's version folder (nothing of value).
+_START_ARTIFACTS = ("events.out.tfevents.*", "hparams.yaml", "config.yaml")
+
+
+def remove_failed_start(trainer: L.Trainer) -> None:
+    """Remove the run folder a start refused by a :class:`ConfigError` created (event file,
+    ``hparams.yaml``, ``config.yaml``), so nothing left behind looks like a run. A folder
+    holding anything else (a checkpoint, a user's file) is left alone."""
+    if not trainer.is_global_zero or trainer.logger is None:
+        return
+    folder = Path(trainer.logger.log_dir or "")
+    if not folder.is_dir() or folder == Path(trainer.default_root_dir):
+        return
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if any(not any(p.match(pattern) for pattern in _START_ARTIFACTS) for p in files):
+        return
+    for path in files:
+        path.unlink(missing_ok=True)
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    folder.rmdir()
+    if not any(folder.parent.iterdir()) and folder.parent != Path(trainer.default_root_dir):
+        folder.parent.rmdir()  # lightning_logs/ when this was its only run
+
+
+def exit_status(signum: int) -> int:
+    """The exit status of a run stopped by ``signum``: ``128 + signum`` (143 for SIGTERM)."""
+    return 128 + int(signum)
 
 
 def interrupt_checkpoint_path(trainer: L.Trainer) -> Path:
