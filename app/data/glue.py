@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -75,6 +76,11 @@ class GLUEDataModule(L.LightningDataModule):
             files are not read at all. For choosing hyper-parameters (``python -m app.compare
             --lrs``) without looking at the dev set that is reported.
         holdout_seed: Seed of the held-out slice.
+        skip_malformed_rows: Rows of a local TSV with too few columns or an unreadable label
+            stop the run (``false``, the default: a truncated dev file must not give an
+            official-looking score); ``train`` drops them from the training file only (the
+            official QQP train.tsv has such rows), ``true`` from every file. Dropped rows
+            are logged with their count.
         cache_dir: Tokenised-dataset cache (default ``$APP_CACHE_DIR`` or ``~/.cache/geolora``).
     """
 
@@ -91,6 +97,7 @@ class GLUEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         holdout_fraction: float | None = None,
         holdout_seed: int = 0,
+        skip_malformed_rows: bool | Literal["train"] = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -109,6 +116,7 @@ class GLUEDataModule(L.LightningDataModule):
                               "between 0 and 1 (e.g. 0.1), or null for the dev set")
         self.holdout_fraction = holdout_fraction
         self.holdout_seed = holdout_seed
+        self.skip_malformed_rows = skip_malformed_rows
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.local_files = self._check_local(data_dir)
         self.datasets: DatasetDict | None = None
@@ -149,16 +157,28 @@ class GLUEDataModule(L.LightningDataModule):
                 )
         return files
 
+    def _may_skip(self, split: str) -> bool:
+        return self.skip_malformed_rows is True or (
+            self.skip_malformed_rows == "train" and split == "train")
+
     def _raw_splits(self) -> DatasetDict:
         if self.local_files is not None:
             splits = {}
             for split, path in self.local_files.items():
                 if self.holdout_fraction is not None and split != "train":
                     continue  # the held-out slice of train replaces the dev set: never read
-                columns, skipped = read_glue_tsv(self.spec, path)
+                problems: list[str] = []
+                columns, skipped = read_glue_tsv(self.spec, path, problems)
+                if skipped and not self._may_skip(split):
+                    raise ConfigError(
+                        f"GLUE {self.spec.name}: {path} has {skipped} malformed row(s) "
+                        f"({problems[0]}): not the official file, and a score on it would look "
+                        "official; fix the file or set data.init_args.skip_malformed_rows: "
+                        f"{'true' if split != 'train' else 'train'} to drop such rows")
                 if skipped:
-                    log.warning("GLUE %s: skipped %d malformed rows in %s",
-                                self.spec.name, skipped, path)
+                    log.warning("GLUE %s: skipped %d malformed rows in %s (%s; "
+                                "skip_malformed_rows: %s)", self.spec.name, skipped, path,
+                                problems[0], self.skip_malformed_rows)
                 splits[split] = Dataset.from_dict(columns)
             return DatasetDict(splits)
         try:
@@ -181,6 +201,8 @@ class GLUEDataModule(L.LightningDataModule):
             source = HUB_DATASET
         blob = json.dumps([self.spec.name, source, resolve_checkpoint(self.checkpoint),
                            self.max_length, self.max_train_samples, self.max_eval_samples, 2,
+                           *([] if self.skip_malformed_rows is False
+                             else [f"skip={self.skip_malformed_rows}"]),
                            *([] if self.holdout_fraction is None
                              else [self.holdout_fraction, self.holdout_seed])])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -128,12 +128,14 @@ def _label_value(task: GlueTask, raw: str) -> float | int:
     return value
 
 
-def read_glue_tsv(task: GlueTask, path: str | Path) -> tuple[dict[str, list], int]:
+def read_glue_tsv(task: GlueTask, path: str | Path, problems: list[str] | None = None
+                  ) -> tuple[dict[str, list], int]:
     """Read one official GLUE train or dev TSV file.
 
     Args:
         task: The task whose layout the file has.
         path: The ``.tsv`` file.
+        problems: If given, one line per malformed row is appended (row number and why).
 
     Returns:
         ``(columns, skipped)``: a dict with the task's text keys, ``label`` and ``idx`` (row
@@ -163,13 +165,18 @@ def read_glue_tsv(task: GlueTask, path: str | Path) -> tuple[dict[str, list], in
     columns: dict[str, list] = {key: [] for key in (*task.text_keys, "label", "idx")}
     skipped = 0
     for number, row in enumerate(rows):
+        line = number + 1 + int(task.has_header)
         if len(row) < width:
             skipped += 1
+            if problems is not None:
+                problems.append(f"line {line} has {len(row)} of {width} columns")
             continue
         try:
             label = _label_value(task, row[positions[-1]])
         except ValueError:
             skipped += 1
+            if problems is not None:
+                problems.append(f"line {line} has label {row[positions[-1]][:20]!r}")
             continue
         for key, pos in zip(task.text_keys, positions[:-1]):
             columns[key].append(row[pos])

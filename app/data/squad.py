@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from app.atomic import atomic_folder
 from app.data.glue import default_cache_dir
+from app.data.qa_checks import drop_misplaced_answers
 from app.data.qa_features import prepare_eval_features, prepare_train_features
 from app.data.qa_formats import QAExample, from_hf, load_hotpotqa, load_squad
 from app.data.resumable import private_generator, run_seed, training_loader
@@ -42,7 +43,7 @@ HUB = {"squad": ("rajpurkar/squad", None), "squad_v2": ("rajpurkar/squad_v2", No
        "hotpotqa": ("hotpotqa/hotpot_qa", "distractor")}
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 META = ("feature_index", "example_id", "offset_mapping", "context", "answers",
-        "answer_starts", "is_impossible", "answer_type")
+        "answer_starts", "is_impossible", "answer_type", "question", "title")
 
 
 def split_by_article(examples: list[QAExample], fraction: float, seed: int
@@ -102,6 +103,9 @@ class QADataModule(L.LightningDataModule):
         max_train_samples: Keep a fixed random subset of this many training questions.
         max_eval_samples: Keep the first this many evaluation questions.
         split_seed: Seed of the article split and of the subsets.
+        skip_malformed_rows: Drop SQuAD questions whose ``answer_start`` does not point at
+            their answer text (the count is logged). ``False`` (default): such a question
+            stops the run, since it would silently become a "no answer" label.
         num_workers: DataLoader workers.
         cache_dir: Tokenised-feature cache (default as for GLUE).
     """
@@ -120,6 +124,7 @@ class QADataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         split_seed: int = 0,
+        skip_malformed_rows: bool = False,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -146,6 +151,7 @@ class QADataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.split_seed = split_seed
+        self.skip_malformed_rows = skip_malformed_rows
         self.num_workers = num_workers
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.train_data: Dataset | None = None
@@ -164,9 +170,21 @@ class QADataModule(L.LightningDataModule):
     # -- examples -------------------------------------------------------------------------
     def _load_file(self, path: str) -> list[QAExample]:
         try:
-            return load_hotpotqa(path) if self.task_name == "hotpotqa" else load_squad(path)
+            if self.task_name == "hotpotqa":
+                return load_hotpotqa(path)
+            return self._checked(load_squad(path), path)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+
+    def _checked(self, examples: list[QAExample], source: str) -> list[QAExample]:
+        """SQuAD questions whose answers sit where ``answer_start`` says (see
+        :func:`app.data.qa_checks.drop_misplaced_answers`)."""
+        kept, dropped = drop_misplaced_answers(examples, source, self.skip_malformed_rows)
+        if dropped:
+            log.warning("%s: dropped %d of %d questions whose answer_start does not point at "
+                        "their answer (skip_malformed_rows: true)", source, dropped,
+                        len(examples))
+        return kept
 
     def _load_hub(self) -> tuple[list[QAExample], list[QAExample]]:
         name, config = HUB[self.task_name]
@@ -178,7 +196,11 @@ class QADataModule(L.LightningDataModule):
                 f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
                 "Download the official JSON files and set data.init_args.validation_file "
                 "(and train_file or train_articles_fraction)") from err
-        return from_hf(data["train"], name), from_hf(data["validation"], name)
+        train, evaluation = from_hf(data["train"], name), from_hf(data["validation"], name)
+        try:
+            return self._checked(train, name), self._checked(evaluation, name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     def examples(self) -> tuple[list[QAExample], list[QAExample]]:
         """Training and evaluation examples after splits and sample limits."""
@@ -206,7 +228,7 @@ class QADataModule(L.LightningDataModule):
         blob = json.dumps([self.task_name, files, self.train_articles_fraction,
                            resolve_checkpoint(self.checkpoint), self.max_length,
                            self.doc_stride, self.max_train_samples, self.max_eval_samples,
-                           self.split_seed, 1])
+                           self.split_seed, self.skip_malformed_rows, 2])
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return self.cache_root / "qa" / f"{self.task_name}-{key}"
 
@@ -224,7 +246,8 @@ class QADataModule(L.LightningDataModule):
         by_id = {ex.id: ex for ex in evaluation}
         n = len(eval_features["example_id"])
         eval_features["feature_index"] = list(range(n))
-        for key in ("context", "answers", "answer_starts", "is_impossible", "answer_type"):
+        for key in ("context", "answers", "answer_starts", "is_impossible", "answer_type",
+                    "question", "title"):
             eval_features[key] = [getattr(by_id[i], key) for i in eval_features["example_id"]]
         eval_features.pop("cls_index", None)
         with atomic_folder(target, replace=False) as tmp:

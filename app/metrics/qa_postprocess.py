@@ -127,3 +127,26 @@ def write_predictions_json(preds: Mapping[str, str], path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def gold_squad_json(examples: Sequence[QAExample], version_2: bool) -> dict[str, Any]:
+    """The evaluated questions as an official SQuAD JSON file (``{"version", "data"}``).
+
+    One article per ``title``, one paragraph per distinct context, in first-seen order; each
+    question keeps its id, text, gold answers (text and ``answer_start``) and, for v2.0,
+    ``is_impossible``. The official evaluation script run on this file and the predictions
+    scores exactly the questions the run scored.
+    """
+    articles: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for ex in examples:
+        paragraphs = articles.setdefault(ex.title, {})
+        qa: dict[str, Any] = {
+            "id": ex.id, "question": ex.question,
+            "answers": [{"text": t, "answer_start": int(s)}
+                        for t, s in zip(ex.answers, ex.answer_starts)]}
+        if version_2:
+            qa["is_impossible"] = bool(ex.is_impossible)
+        paragraphs.setdefault(ex.context, []).append(qa)
+    data = [{"title": title, "paragraphs": [{"context": c, "qas": q} for c, q in paras.items()]}
+            for title, paras in articles.items()]
+    return {"version": "v2.0" if version_2 else "1.1", "data": data}

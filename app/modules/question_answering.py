@@ -16,7 +16,11 @@ from app.adapters import AdapterConfig
 from app.data.qa_formats import QAExample
 from app.errors import ConfigError
 from app.metrics.qa import SQuADMetric
-from app.metrics.qa_postprocess import postprocess_predictions, write_predictions_json
+from app.metrics.qa_postprocess import (
+    gold_squad_json,
+    postprocess_predictions,
+    write_predictions_json,
+)
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
 
 
@@ -28,8 +32,15 @@ class QuestionAnsweringModule(AdaptedModule):
     score beats the best span by more than ``null_score_diff_threshold``) and log the
     official exact match and F1 (``val/exact``, ``val/f1``; v2.0 also ``val/HasAns_f1`` ...;
     ``val/score`` = F1). Under data parallelism the window outputs of all ranks are gathered
-    first, so every question is scored once. ``test`` also writes the official
-    ``{question id: answer}`` JSON to ``<run folder>/predictions_test.json``.
+    first, so every question is scored once. Every validation and test writes the official
+    ``{question id: answer}`` JSON to ``<run folder>/predictions_<val|test>.json`` and, next
+    to it, ``gold_<val|test>.json``: the scored questions as an official SQuAD file, so the
+    official evaluation script reproduces the logged ``exact`` / ``f1`` on the same questions
+    (``python evaluate-v2.0.py gold_test.json predictions_test.json``).
+
+    ``n_best_size``, ``max_answer_length`` and ``null_score_diff_threshold`` only decode the
+    trained model (:attr:`evaluation_options`): ``lightning-cli test|validate --ckpt_path``
+    takes them from the command line / config, not from the checkpoint.
 
     Args:
         checkpoint: Base model (hub id, local folder or ``pkg:<module>``).
@@ -42,6 +53,10 @@ class QuestionAnsweringModule(AdaptedModule):
         max_answer_length: Longest answer in tokens.
         null_score_diff_threshold: SQuAD v2.0 null-answer margin.
     """
+
+    #: Options that change how the trained model is decoded, not its weights: at test time
+    #: the user's values win over the checkpoint's hyper-parameters (``app.cli``).
+    evaluation_options = ("n_best_size", "max_answer_length", "null_score_diff_threshold")
 
     def __init__(
         self,
@@ -94,6 +109,8 @@ class QuestionAnsweringModule(AdaptedModule):
                 "answers": batch["answers"][i], "answer_starts": batch["answer_starts"][i],
                 "is_impossible": batch["is_impossible"][i],
                 "answer_type": batch["answer_type"][i],
+                "question": batch.get("question", [""] * (i + 1))[i],
+                "title": batch.get("title", [""] * (i + 1))[i],
                 "start": starts[i].numpy(), "end": ends[i].numpy(),
             })
 
@@ -119,7 +136,8 @@ class QuestionAnsweringModule(AdaptedModule):
         for o in outputs:
             if o["example_id"] not in examples:
                 examples[o["example_id"]] = QAExample(
-                    id=o["example_id"], question="", context=o["context"],
+                    id=o["example_id"], question=o.get("question", ""), title=o.get("title", ""),
+                    context=o["context"],
                     answers=list(o["answers"]), answer_starts=list(o["answer_starts"]),
                     is_impossible=bool(o["is_impossible"]), answer_type=o["answer_type"])
         features = {"example_id": [o["example_id"] for o in outputs],
@@ -146,15 +164,24 @@ class QuestionAnsweringModule(AdaptedModule):
             if not key.endswith("total"):
                 self.log(f"{stage}/{key}", value.float(), prog_bar=key == "f1")
         self.log(f"{stage}/score", scores["f1"].float())
+        self._write(stage, preds, examples)
         return preds
+
+    def _write(self, stage: str, preds: dict[str, str], examples: list[QAExample]) -> None:
+        """``predictions_<stage>.json`` and the matching ``gold_<stage>.json`` (rank 0)."""
+        trainer = self.trainer
+        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.log_dir:
+            return
+        folder = Path(trainer.log_dir)
+        write_predictions_json(preds, folder / f"predictions_{stage}.json")
+        write_predictions_json(gold_squad_json(examples, self.version_2),
+                               folder / f"gold_{stage}.json")
 
     def on_validation_epoch_end(self) -> None:
         self._evaluate("val")
 
     def on_test_epoch_end(self) -> None:
-        preds = self._evaluate("test")
-        if preds and self.trainer.is_global_zero and self.trainer.log_dir:
-            write_predictions_json(preds, Path(self.trainer.log_dir) / "predictions_test.json")
+        self._evaluate("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Raw window logits with their question ids (decode with :meth:`decode`)."""
