@@ -189,6 +189,8 @@ CASES = [
          expect=("--data.init_args.batchsize", "has no option 'batchsize'",
                  "did you mean batch_size"),
          option="--data.init_args.batchsize"),
+    Case("max-length-too-small", args=("--data.init_args.max_length", "4"),
+         expect=("data.init_args.max_length=4 is too small",)),
     Case("batch-size-zero", args=("--data.init_args.batch_size", "0"),
          expect=("data.init_args.batch_size=0 must be at least 1",)),
     Case("max-train-samples-zero", args=("--data.init_args.max_train_samples", "0"),
