@@ -84,22 +84,22 @@ def check_config(cfg: Mapping[str, Any], subcommand: str | None) -> None:
     check_method_fragments(cfg.get("config") or [])
     model = _init_args(cfg.get("model"))
     adapter = model.get("adapter")
-    if isinstance(adapter, Mapping):
-        _check_rank(_init_args(adapter).get("r"), f"{ADAPTER}.init_args.r")
-        targets = _init_args(adapter).get("target_modules")
-        if isinstance(targets, list) and not targets:
-            raise ConfigError(f"{ADAPTER}.init_args.target_modules=[] names no layer; list the "
-                              "layers to adapt (e.g. [query, value]) or set null for the default")
+    adapter_args = _init_args(adapter)
     optimizer = _init_args(model.get("optimizer"))
-    if "rank" in optimizer:
-        _check_rank(optimizer["rank"], f"{OPTIMIZER}.init_args.rank")
+    spec = method_spec(model)
+    if spec is not None and spec.rank_field:  # where the method declares its rank
+        part, field_name = spec.rank_field.split(".", 1)
+        values = adapter_args if part == "adapter" else optimizer
+        _check_rank(values.get(field_name), f"model.init_args.{part}.init_args.{field_name}")
+    if spec is not None:
+        check_method_precision(spec, (cfg.get("trainer") or {}).get("precision"))
+    targets = adapter_args.get("target_modules")
+    if isinstance(targets, list) and not targets:
+        raise ConfigError(f"{ADAPTER}.init_args.target_modules=[] names no layer; list the "
+                          "layers to adapt (e.g. [query, value]) or set null for the default")
     lr = optimizer.get("lr")
     if isinstance(lr, int | float) and not lr > 0:
         raise ConfigError(f"{OPTIMIZER}.init_args.lr={lr} must be positive; set e.g. lr: 5.0e-4")
-    ratio = model.get("loraplus_lr_ratio")
-    if isinstance(ratio, int | float) and not ratio > 0:
-        raise ConfigError(f"model.init_args.loraplus_lr_ratio={ratio} must be positive (the "
-                          "paper uses 16) or null to turn LoRA+ off")
     data = _init_args(cfg.get("data"))
     for key in ("batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
         value = data.get(key)
@@ -108,6 +108,49 @@ def check_config(cfg: Mapping[str, Any], subcommand: str | None) -> None:
                               + ("" if "batch" in key else " (or null for every row)"))
     trainer = cfg.get("trainer") or {}
     check_trainer(trainer)
+
+
+def _class(path: Any) -> type | None:
+    if not isinstance(path, str) or "." not in path:
+        return None
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(__import__(module_name, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None  # the parser has already refused an unknown class
+
+
+def method_spec(model: Mapping[str, Any]) -> Any:
+    """The method's declaration (:class:`app.adapters.contract.MethodSpec`) for the parsed
+    ``model.init_args`` (``None`` when it cannot be told before instantiation)."""
+    from app.adapters import declared_spec
+
+    adapter, optimizer = model.get("adapter"), model.get("optimizer")
+    adapter_cls = _class(adapter.get("class_path")) if isinstance(adapter, Mapping) else None
+    if isinstance(adapter, Mapping) and adapter_cls is None:
+        return None
+    optimizer_cls = (_class(optimizer.get("class_path"))
+                     if isinstance(optimizer, Mapping) else None)
+    try:
+        return declared_spec(adapter_cls, optimizer_cls)
+    except ConfigError:
+        return None  # not a method: the module's own check names it
+
+
+def check_method_precision(spec: Any, precision: Any) -> None:
+    """The method's declared ``precisions`` (``app.adapters.checks.check_precision``), on the
+    precision Lightning will use, before the trainer is built."""
+    if precision is None or spec.precisions is None:
+        return
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    from app.adapters.checks import check_precision
+
+    try:
+        unified = str(_convert_precision_to_unified_args(precision))
+    except (ValueError, TypeError):
+        return
+    check_precision(spec, unified)
 
 
 def _init_args(node: Any) -> Mapping[str, Any]:
@@ -248,12 +291,15 @@ def check_built(model: Any, trainer: Any, requested_precision: Any) -> None:
     """
     check_precision_kept(requested_precision, trainer)
     adapter = getattr(model, "adapter", None)
-    if adapter is None or not hasattr(model, "hf_config") or not hasattr(model, "model_class"):
+    model_class = getattr(model, "model_class", None)
+    if adapter is None or not hasattr(model, "hf_config") or model_class is None:
         return
+    if not hasattr(model_class, "from_config"):
+        model_class = model_class()  # a factory method (older task modules)
     import torch
 
     with torch.device("meta"):
-        base = model.model_class().from_config(model.hf_config)
+        base = model_class.from_config(model.hf_config)
     check_rank_fits_targets(base, adapter)
 
 
@@ -276,10 +322,10 @@ def check_precision_kept(requested: Any, trainer: Any) -> None:
 
 
 def _targets(base: Any, adapter: Any) -> list[str] | str | None:
-    from app.adapters import AdapterConfig
     from app.adapters.targets import peft_default_targets
 
-    targets = (adapter.target_patterns() if isinstance(adapter, AdapterConfig)
+    patterns = getattr(adapter, "target_patterns", None)
+    targets = (patterns() if callable(patterns) and not hasattr(adapter, "peft_type")
                else getattr(adapter, "target_modules", None))
     if targets is None:
         model_type = getattr(getattr(base, "config", None), "model_type", None)
