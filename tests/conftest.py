@@ -57,3 +57,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_causal(arch)`` -> folder of a tiny causal LM (llama, qwen2, gpt2) + tokenizer."""
+    from tiny_causal import build_causal_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_causal")
+    made: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in made:
+            made[arch] = build_causal_checkpoint(arch, root / arch)
+        return made[arch]
+
+    return get

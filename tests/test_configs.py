@@ -35,7 +35,8 @@ def fragments(folder: str) -> list[Path]:
 
 def test_every_yaml_is_covered() -> None:
     covered = {*fragments("data"), *fragments("methods"), *fragments("model"),
-               *fragments("debug"), *fragments("strategy"), CONFIGS / "quickstart.yaml"}
+               *fragments("debug"), *fragments("strategy"), *fragments("pretrain"),
+               CONFIGS / "quickstart.yaml"}
     assert set(CONFIGS.rglob("*.yaml")) <= covered
 
 
@@ -83,3 +84,13 @@ def test_rslora_dora_pissa_flags(capsys) -> None:
     assert adapter("dora")["use_dora"] is True
     assert adapter("pissa")["init_lora_weights"] == "pissa"
     assert adapter("lora")["use_rslora"] is False
+
+
+@pytest.mark.parametrize("path", fragments("pretrain"), ids=lambda p: p.stem)
+def test_pretrain_fragment(path: Path, capsys) -> None:
+    cfg = parsed(capsys, CONFIGS / "data" / "pretrain_wiki.yaml",
+                 CONFIGS / "methods" / "garare.yaml", path)
+    init = cfg["model"]["init_args"]
+    assert cfg["model"]["class_path"] == "app.modules.causal_lm.CausalLMModule"
+    assert init["random_init"] is True and init["adapter"] is None
+    assert init["model_config"]["hidden_size"] in (512, 768)

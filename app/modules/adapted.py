@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from transformers import AutoConfig, AutoTokenizer
 
+from app.adapters import head_module_names
 from app.adapters.checks import check_trainer, missing_callbacks
 from app.adapters.contract import AdapterConfig, Method
 from app.atomic import atomic_folder
@@ -94,6 +95,10 @@ class AdaptedModule(L.LightningModule):
         self.adapter, self.method = core.prepare_method(model_class, self.hf_config, adapter,
                                                         optimizer)
 
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """Modules every method trains in full (new task heads); causal LMs have none."""
+        return head_module_names(model)
+
     # -- model ----------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Refuse what the method cannot run with (under a Trainer), then load the pretrained
@@ -103,7 +108,7 @@ class AdaptedModule(L.LightningModule):
         if self.model is not None:
             return
         self.model, heads = core.build_model(self.model_class, self.checkpoint, self.hf_config,
-                                             self.method)
+                                             self.method, self.head_modules)
         # Fixed here, before a strategy wraps the model: FSDP renames parameters
         # (`_fsdp_wrapped_module.`) and its state_dict hooks are collectives.
         self._state_keys = core.trainable_state_keys(self.model, self.method.spec)

