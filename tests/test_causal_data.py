@@ -81,9 +81,13 @@ def test_truncation_is_counted_and_empty_examples_dropped(tiny_causal, cs_dir: P
     assert dm.truncated == want > 0
     assert all(len(e["input_ids"]) <= cut for e in dm.train_data)
     assert f"max_length={cut}: {want} truncated" in caplog.text
-    tiny = _dm(tiny_causal("llama"), cs_dir, max_length=8)
-    assert tiny.train_data == [] or all(
-        any(t != IGNORE_INDEX for t in e["labels"]) for e in tiny.train_data)
+    short = min(len(e["labels"]) - e["labels"].count(IGNORE_INDEX) for e in full.train_data)
+    prompts = sorted(len(e["labels"]) - short for e in full.train_data)
+    some = _dm(tiny_causal("llama"), cs_dir, max_length=prompts[len(prompts) // 2])
+    assert 0 < len(some.train_data) < len(full.train_data)  # prompt-only examples dropped
+    assert all(any(t != IGNORE_INDEX for t in e["labels"]) for e in some.train_data)
+    with pytest.raises(ConfigError, match="max_length=8: all 54 training prompts"):
+        _dm(tiny_causal("llama"), cs_dir, max_length=8)
 
 
 def test_files_are_mixed_and_jsonl_read(tiny_causal, cs_dir: Path, tmp_path: Path) -> None:

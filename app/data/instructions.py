@@ -262,6 +262,10 @@ class InstructionDataModule(L.LightningDataModule):
         examples = [self._train_example(r) for r in train]
         self.train_data = [e for e in examples if e is not None]
         dropped = len(examples) - len(self.train_data)
+        if not self.train_data:
+            raise ConfigError(
+                f"data.init_args.max_length={self.max_length}: all {len(examples)} training "
+                "prompts alone are that long, nothing would be learnt; raise max_length")
         rank_zero_info(
             f"instructions: {len(self.train_data)} training examples "
             f"({', '.join(self.train_tasks + self.train_files)}), {len(val)} held out; "
