@@ -183,16 +183,25 @@ def test_optimizer_class_from_a_real_cli_parse(tiny_ckpt, glue_dir, tmp_path) ->
     check_optimizer_adapter(partial(torch.optim.AdamW, lr=1e-3), object())  # not GaLore: ok
 
 
-def test_sharded_parameters_message_says_what_to_use() -> None:
+def test_sharded_parameters_message_says_what_to_use(tmp_path) -> None:
     """A DTensor weight sharded across its short side (not FSDP2's long-side layout) is
-    refused, naming the fragment that shards it right."""
-    from torch.distributed.tensor import Shard
+    refused, naming the fragment that shards it right (a real DTensor on a one-process
+    gloo mesh: app.dtensor.is_dtensor checks the type, not its name)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor
-        pass
-
-    weight = torch.zeros(16, 8).as_subclass(DTensor).requires_grad_()
-    weight.placements = (Shard(1),)  # a tall weight split by columns
-    with pytest.raises(ValueError, match=r"sharded as .*Shard\(dim=1\).*long dimension "
-                                         r".*configs/strategy/fsdp2.yaml"):
-        GaRareAdamW([("layer.query.weight", weight)], target_modules=["query"], rank=2)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        # a tall weight split by columns
+        weight = torch.nn.Parameter(distribute_tensor(torch.zeros(16, 8), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match=r"sharded as .*Shard\(dim=1\).*long dimension "
+                                             r".*configs/strategy/fsdp2.yaml"):
+            GaRareAdamW([("layer.query.weight", weight)], target_modules=["query"], rank=2)
+    finally:
+        if started:
+            dist.destroy_process_group()
