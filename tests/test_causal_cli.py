@@ -157,9 +157,6 @@ def test_lora_on_qwen2_and_gpt2(arch: str, tiny_causal, cs_dir: Path, tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 16): a causal-LM run resumed from "
-                   "step 2 ends with LoRA weights ~1e-3 off an uninterrupted run, even without "
-                   "dropout; the GLUE modules resume exactly. Not found yet.")
 def test_resume_is_exact(tiny_causal, cs_dir: Path, tmp_path: Path) -> None:
     ckpt = tiny_causal("llama")
     lora = [*method_args("lora"), "--model.init_args.adapter.init_args.lora_dropout", "0.0",
