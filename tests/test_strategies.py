@@ -384,5 +384,5 @@ def test_fsdp_checkpoint_keys_are_checked_before_loading(tiny_ckpt, glue_dir: Pa
             dist.destroy_process_group()
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "checkpoint does not match this model and adapter: 10 missing keys" in err
+    assert "checkpoint does not match this model and adapter: 12 missing keys" in err
     assert "1 unexpected" in err and "resume with the same method" in err
