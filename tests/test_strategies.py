@@ -337,13 +337,13 @@ def test_fsdp_two_ranks_match_ddp_export_and_restore(ddp_lora_run: Path, tiny_ck
     assert dump["world_size"] == 2 and dump["global_step"] == 6
     assert any("lora_A.default._fsdp_wrapped_module.weight" in n for n in dump["params"])
     ours, ddp = _exported(tmp_path / "a"), _exported(ddp_lora_run)
-    assert ours.keys() == ddp.keys() and len(ours) == 10  # 8 LoRA factors + the head
+    assert ours.keys() == ddp.keys() and len(ours) == 12  # 8 LoRA factors, pooler, head
     for name in ours:
         assert torch.equal(ours[name], ddp[name]), name
 
     (run,) = (tmp_path / "a/runs/lightning_logs").iterdir()
     saved = torch.load(run / "checkpoints/step3.ckpt", weights_only=True)
-    assert len(saved["state_dict"]) == 10  # adapter and head only, full (gathered) shapes
+    assert len(saved["state_dict"]) == 12  # adapter, pooler and head, full (gathered) shapes
     assert all(v.ndim in (1, 2) for v in saved["state_dict"].values())
     assert len(saved["rng_states"]["per_rank"]) == 2
     # Resuming at the step-3 checkpoint with max_steps=3 trains nothing: the export at the

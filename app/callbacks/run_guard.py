@@ -44,6 +44,7 @@ class RunGuard(L.Callback):
         self._previous_sigint: Any = None
         self.interrupt_checkpoint: Path | None = None
         self.stop_signal: int = int(signal.SIGTERM)
+        self._requested: int | None = None
 
     # -- non-finite loss ------------------------------------------------------------------
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -64,21 +65,50 @@ class RunGuard(L.Callback):
             )
 
     # -- interruption ---------------------------------------------------------------------
+    # A signal only records a request (no collective, no Lightning state: a handler runs at an
+    # arbitrary point of the main thread, possibly between two collectives). The ranks agree
+    # on it at each training-batch end, and only then is Lightning's stop flag set, on every
+    # rank at once, so all of them stop after the same step and write the same checkpoint.
+    # (Lightning's own SIGTERM handler broadcasts from inside the handler and its loops read
+    # the flag rank by rank, which left two-process DDP runs waiting on each other.)
+    # A stop at an epoch's last batch is put off by one batch: Lightning would write the
+    # checkpoint after the epoch's end, a state its restart misreads (it runs an empty epoch
+    # and trains the next one on the order of the epoch after). A stop during a validation
+    # follows Lightning: it stops after that validation batch and the resume repeats it.
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_start: Lightning saves (and at teardown restores) the signal handlers
         # after on_fit_start, so ours must come later to be undone
         if threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGINT)
+        self._requested = None
 
         def first_ctrl_c(signum: int, frame: Any) -> None:
-            rank_zero_info("Ctrl-C: stopping at the end of this batch (press again to abort)")
-            trainer._signal_connector.received_sigterm = True
-            self.stop_signal = int(signal.SIGINT)
+            self._request(int(signal.SIGINT), "Ctrl-C: stopping at the end of this batch "
+                                              "(press again to abort)")
             signal.signal(signal.SIGINT, previous)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self._request(int(signal.SIGTERM), "SIGTERM: stopping at the end of this batch")
 
         self._previous_sigint = previous
         signal.signal(signal.SIGINT, first_ctrl_c)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _request(self, signum: int, message: str) -> None:
+        if self._requested is None:
+            self._requested = signum
+            rank_zero_info(message)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        requested = self._requested is not None
+        if trainer.world_size > 1:  # every rank ends every batch: the same collective order
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested or _last_of_several(trainer, batch_idx):
+            return
+        self.stop_signal = self._requested or self.stop_signal
+        trainer._signal_connector.received_sigterm = True
 
     def _restore_sigint(self) -> None:
         if self._previous_sigint is not None and (
@@ -108,6 +138,12 @@ class RunGuard(L.Callback):
         self.interrupt_checkpoint = target
         rank_zero_info(f"interrupted at step {trainer.global_step}: resumable checkpoint "
                        f"{target} (resume with --ckpt_path {target})")
+
+
+def _last_of_several(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last training batch of an epoch of more than one."""
+    batches = trainer.num_training_batches
+    return isinstance(batches, int) and batches > 1 and batch_idx + 1 >= batches
 
 
 #: What a start that failed leaves in the logger's version folder (nothing of value).
