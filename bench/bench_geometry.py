@@ -1,8 +1,10 @@
-"""Step time of StelLA and Manifold-LoRA against plain LoRA, side by side in one process.
+"""Step time of every geometry-aware adapter method against plain LoRA, side by side in one process.
 
-All three methods use rank 8 on the query and value projections of the real all-MiniLM-L6-v2
-sequence classifier, with the adapter, optimizer and callback options of their YAML fragments
-(``configs/methods/{lora,stella,manifold_stiefel}.yaml``). Each is trained with a bare loop
+The methods are those whose ``configs/methods/`` fragment declares a constraint or a callback
+it needs (:func:`fragments.geometry_fragments`: StelLA, Manifold-LoRA on both manifolds,
+ALLoRA, Riemannian LoRA today, and any method added later), or ``--methods``. All use rank 8 on
+the query and value projections of the real all-MiniLM-L6-v2 sequence classifier, with the
+adapter, optimizer and declared callbacks of their fragments. Each is trained with a bare loop
 (forward, backward, ``optimizer.step()``, ``zero_grad``) on one fixed random token batch
 (batch 16, length 128); the optimizer is built from the module's ``parameter_groups()`` like
 ``configure_optimizers`` does, and the geometry callbacks are set up through their real
@@ -20,19 +22,17 @@ post-step work is also timed alone (``--overhead-reps`` calls after a real backw
     python bench/bench_geometry.py --device cuda
 
 Writes ``bench/results/geometry_step_time.md`` and ``.json`` (command, machine, date, torch).
-Targets: StelLA <= 1.10x LoRA, Manifold-LoRA <= 1.03x LoRA.
+Targets (``--target NAME=RATIO``; defaults from the issues): StelLA <= 1.10x LoRA,
+Manifold-LoRA (Stiefel) <= 1.03x LoRA.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
 import time
-import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,48 +41,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 from common import write_results  # noqa: E402
+from fragments import fragment_parts, geometry_fragments, import_path  # noqa: E402
+from step_timing import (  # noqa: E402
+    interleaved_times,
+    iqr,
+    parse_targets,
+    ratios,
+    setup_callbacks,
+    sync,
+)
 
-METHODS = {"lora": "lora", "stella": "stella", "manifold_lora": "manifold_stiefel"}
-TARGETS = {"stella": 1.10, "manifold_lora": 1.03}
-
-
-def _import(path: str) -> Any:
-    module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
-
-
-def method_parts(fragment: str, rank: int, targets: list[str]) -> tuple[Any, Callable, list]:
-    """``(adapter, optimizer_factory, callbacks)`` as ``configs/methods/<fragment>.yaml`` says."""
-    from functools import partial
-
-    import yaml
-
-    spec = yaml.safe_load((ROOT / f"configs/methods/{fragment}.yaml").read_text())
-    init = spec["model"]["init_args"]
-    args = {**(init["adapter"].get("init_args") or {}), "r": rank, "target_modules": targets}
-    alpha_key = "alpha" if "alpha" in args else "lora_alpha"
-    args[alpha_key] = 2 * rank  # the fragments' alpha / r = 2
-    adapter = _import(init["adapter"]["class_path"])(**args)
-    optimizer = partial(_import(init["optimizer"]["class_path"]),
-                        **(init["optimizer"].get("init_args") or {}))
-    callbacks = [_import(c["class_path"])(**(c.get("init_args") or {}))
-                 for c in (spec.get("trainer") or {}).get("callbacks", [])
-                 if "drift_monitor" not in c["class_path"]]  # the monitor logs every 50 steps
-    return adapter, optimizer, callbacks
+#: Step-time targets (ratio of minima to LoRA) stated by the issues, by fragment.
+TARGETS = {"stella": 1.10, "manifold_stiefel": 1.03}
 
 
 class Runner:
-    """One method: its module, optimizer, step-hooked callbacks and a timed step."""
+    """One method: its module, optimizer, declared callbacks and a training step."""
 
-    def __init__(self, name: str, fragment: str, args: argparse.Namespace, batch: dict) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, batch: dict) -> None:
         import torch
-        from lightning.pytorch.strategies import SingleDeviceStrategy
 
         from app.modules.classification import ClassificationModule
 
         self.name, self.batch, self.device = name, batch, torch.device(args.device)
-        adapter, optimizer_factory, self.callbacks = method_parts(fragment, args.rank,
-                                                                  args.targets)
+        adapter, optimizer_factory, self.callbacks, _ = fragment_parts(name, args.rank,
+                                                                       args.targets)
         torch.manual_seed(0)
         self.module = ClassificationModule(checkpoint=args.checkpoint, task="rte", num_labels=2,
                                            adapter=adapter)
@@ -90,19 +73,8 @@ class Runner:
         self.module.to(self.device).train()
         self.optimizer = self.module.method.build_optimizer(
             self.module.model, optimizer_factory, self.module.parameter_groups())
-        trainer = types.SimpleNamespace(optimizers=[self.optimizer], precision="32-true",
-                                        strategy=SingleDeviceStrategy(self.device))
-        for callback in self.callbacks:
-            callback.setup(trainer, self.module, "fit")
-            callback.on_fit_start(trainer, self.module)
-            callback.on_train_start(trainer, self.module)
+        setup_callbacks(self.callbacks, self.module, self.optimizer, self.device)
         self.trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-
-    def sync(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def step(self) -> None:
         loss = self.module.model(**self.batch).loss
@@ -110,30 +82,23 @@ class Runner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def timed_steps(self, steps: int) -> float:
-        """Seconds per step over ``steps`` consecutive steps."""
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.sync()
-        return (time.perf_counter() - start) / steps
-
     def callback_overhead(self, reps: int) -> dict[str, float]:
-        """Milliseconds (median and min) of the callbacks' pre- and post-step work alone."""
-        if not self.callbacks:
+        """Milliseconds (median and min) of the callbacks' pre- and post-step work alone
+        (callbacks with ``_pre_step`` / ``_post_step``; others are timed in the step only)."""
+        hooked = [c for c in self.callbacks if hasattr(c, "_pre_step") and hasattr(c, "_post_step")]
+        if not hooked:
             return {}
         self.module.model(**self.batch).loss.backward()
         pre, post = [], []
         for _ in range(reps):
-            for callback in self.callbacks:
-                self.sync()
+            for callback in hooked:
+                sync(self.device)
                 t0 = time.perf_counter()
                 callback._pre_step()
-                self.sync()
+                sync(self.device)
                 t1 = time.perf_counter()
                 callback._post_step()  # no optimizer step in between: D = 0, same cost
-                self.sync()
+                sync(self.device)
                 pre.append(t1 - t0)
                 post.append(time.perf_counter() - t1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -145,16 +110,12 @@ def fixed_batch(args: argparse.Namespace, vocab_size: int) -> dict:
     import torch
 
     gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(1000, vocab_size, (args.batch, args.length), generator=gen)
+    low = min(1000, vocab_size // 2)  # past the special tokens of a real vocabulary
+    ids = torch.randint(low, vocab_size, (args.batch, args.length), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "token_type_ids": torch.zeros_like(ids),
              "labels": torch.randint(0, 2, (args.batch,), generator=gen)}
     return {k: v.to(args.device) for k, v in batch.items()}
-
-
-def _iqr(values: list[float]) -> float:
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -169,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reps", type=int, default=20, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method per round")
     parser.add_argument("--overhead-reps", type=int, default=20)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="fragments of configs/methods to time against lora "
+                             "(default: every geometry-aware adapter method)")
+    parser.add_argument("--target", action="append", default=[], metavar="NAME=RATIO",
+                        help="step-time target, ratio of minima to LoRA (repeatable)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/geometry_step_time"))
@@ -183,39 +149,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from app.hub import load_pretrained
 
     load_before = os.getloadavg()[0]
-    config = load_pretrained(_import("transformers.AutoConfig"), args.checkpoint)
+    targets = {**TARGETS, **parse_targets(args.target)}
+    methods = args.methods or geometry_fragments(adapters_only=True)
+    config = load_pretrained(import_path("transformers.AutoConfig"), args.checkpoint)
     batch = fixed_batch(args, config.vocab_size)
-    runners = [Runner(name, fragment, args, batch) for name, fragment in METHODS.items()]
-    for runner in runners:
-        for _ in range(args.warmup):
-            runner.step()
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for rep in range(args.reps):
-        order = runners[rep % len(runners):] + runners[:rep % len(runners)]
-        for runner in order:
-            times[runner.name].append(runner.timed_steps(args.steps))
+    runners = [Runner(name, args, batch) for name in dict.fromkeys(["lora", *methods])]
+    times = interleaved_times(runners, args.warmup, args.reps, args.steps, args.device)
     overhead = {r.name: r.callback_overhead(args.overhead_reps) for r in runners}
     load = {"before": load_before, "after": os.getloadavg()[0]}
 
-    lora, lora_min = statistics.median(times["lora"]), min(times["lora"])
     rows, results = [], {}
     for runner in runners:
         name, med = runner.name, statistics.median(times[runner.name])
-        paired = statistics.median(t / b for t, b in zip(times[name], times["lora"]))
-        best = min(times[name]) / lora_min
+        vs = ratios(times, name, "lora")
+        paired, best = vs["paired_ratio"], vs["min_ratio"]
         extra = overhead[name]
         cb_ms = extra.get("pre_ms", 0.0) + extra.get("post_ms", 0.0)
-        target = TARGETS.get(name)
-        results[name] = {"median_step_ms": 1e3 * med, "iqr_ms": 1e3 * _iqr(times[name]),
-                         "min_step_ms": 1e3 * min(times[name]), "ratio_vs_lora": med / lora,
+        target = targets.get(name)
+        results[name] = {"median_step_ms": 1e3 * med, "iqr_ms": 1e3 * iqr(times[name]),
+                         "min_step_ms": 1e3 * min(times[name]), "ratio_vs_lora": vs["ratio"],
                          "paired_ratio_vs_lora": paired, "min_ratio_vs_lora": best,
                          "target_ratio": target, "callback_ms": extra,
                          "trainable_params": runner.trainable,
                          "step_times_ms": [1e3 * t for t in times[name]]}
         verdict = "" if target is None else ("yes" if best <= target else "**no**")
         rows.append(f"| {name} | {runner.trainable:,} | {1e3 * med:.1f} | "
-                    f"{1e3 * _iqr(times[name]):.1f} | {1e3 * min(times[name]):.1f} | "
-                    f"{med / lora:.3f} | {paired:.3f} | {best:.3f} | "
+                    f"{1e3 * iqr(times[name]):.1f} | {1e3 * min(times[name]):.1f} | "
+                    f"{vs['ratio']:.3f} | {paired:.3f} | {best:.3f} | "
                     f"{'-' if target is None else f'<= {target:.2f}'} | {verdict} | "
                     f"{extra.get('pre_ms', 0):.2f} / {extra.get('post_ms', 0):.2f} "
                     f"({extra.get('pre_min_ms', 0):.2f} / {extra.get('post_min_ms', 0):.2f}) | "

@@ -25,18 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
+from fragments import all_fragments, describe  # noqa: E402
 from make_tiny_vit import make_vit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / "runs" / "vit-tiny-random"
 SIZES = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}
 DOMAINS = tuple(SIZES)
-NOTES = {
-    "full": "full fine-tuning (reference: trains the random backbone)",
-    "lora": "LoRA r=8 on q_proj, v_proj + head",
-    "stella": "StelLA r=8 on q_proj, v_proj + head",
-    "manifold_stiefel": "Manifold-LoRA (Stiefel B, landing) r=8 on q_proj, v_proj + head",
-}
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -98,7 +93,7 @@ def record(method: str, args: argparse.Namespace) -> dict[str, Any]:
     test_tags = scalars(root / "lightning_logs" / "version_1")
     losses = fit_tags.get("train/loss", {})
     row: dict[str, Any] = {
-        "method": method, "note": NOTES.get(method, method),
+        "method": method, "note": describe(method),
         "trainable_params": params.group(1) if params else "", "total_params":
         params.group(2) if params else "", "best_step": best_step,
         "fit_wall_s": round(fit_wall, 1), "test_wall_s": round(test_wall, 1),
@@ -188,8 +183,8 @@ def markdown(rows: list[dict[str, Any]], baseline: dict[str, float],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+",
-                        default=["full", "lora", "stella", "manifold_stiefel"])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="fragments of configs/methods (default: all of them)")
     parser.add_argument("--test-domain", default="art_painting", choices=DOMAINS)
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--val-every", type=int, default=100)
@@ -203,7 +198,7 @@ def main() -> None:
     if not (VIT / "config.json").is_file():
         make_vit(VIT)
     rows = []
-    for method in args.methods:
+    for method in args.methods or all_fragments():
         if not (ROOT / "configs" / "methods" / f"{method}.yaml").is_file():
             print(f"skipping {method}: configs/methods/{method}.yaml does not exist", flush=True)
             continue
@@ -211,7 +206,7 @@ def main() -> None:
             rows.append(record(method, args))
         except (RuntimeError, StopIteration, KeyError) as err:  # keep the other methods
             print(f"{method} failed: {err}", flush=True)
-            rows.append({"method": method, "note": NOTES.get(method, method),
+            rows.append({"method": method, "note": describe(method),
                          "error": str(err).splitlines()[0][:300]})
     baseline = majority_baselines(args)
     write_results(ROOT / "bench" / "results" / args.name, {

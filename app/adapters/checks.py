@@ -83,6 +83,14 @@ def _load(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def needed_callbacks(spec: MethodSpec, constraint: Constraint | None) -> list[str]:
+    """Class paths of the callbacks a method needs: its spec's and its constraint's."""
+    paths = list(spec.callbacks)
+    if constraint is not None and constraint.callback and constraint.callback not in paths:
+        paths.append(constraint.callback)
+    return paths
+
+
 def missing_callbacks(spec: MethodSpec, constraint: Constraint | None,
                       present: Iterable[object]) -> list[str]:
     """Class paths of the callbacks the method needs that ``present`` lacks.
@@ -92,9 +100,7 @@ def missing_callbacks(spec: MethodSpec, constraint: Constraint | None,
         constraint: Its constraint (its ``callback`` is needed too).
         present: ``trainer.callbacks``.
     """
-    paths = list(spec.callbacks)
-    if constraint is not None and constraint.callback and constraint.callback not in paths:
-        paths.append(constraint.callback)
+    paths = needed_callbacks(spec, constraint)
     have = list(present)
     out = []
     for path in paths:
