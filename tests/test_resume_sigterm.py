@@ -219,21 +219,25 @@ def test_ddp_sigterm_mid_epoch_then_resume_is_exact(name: str, tiny_ckpt, glue_d
 def test_sigterm_at_an_epochs_last_batch_stops_one_batch_later_and_resumes_exactly(
         tiny_ckpt, glue_dir: Path, tmp_path: Path, one_thread) -> None:
     """SIGTERM right after step 10, the last of the first epoch's 10 batches (a validation
-    due): that validation runs to its end, the stop comes after step 11, and the resume
-    from ``last.ckpt`` ends on the uninterrupted weights. A stop right at the epoch's end
+    due): that validation runs to its end, the stop comes after step 11, and the resumes from
+    ``last.ckpt`` and from the checkpoint the step-10 validation wrote (at the epoch's last
+    batch) end on the uninterrupted weights. A stop right at the epoch's end
     left a checkpoint Lightning resumed a batch off."""
     tiny = tiny_ckpt("bert")
     method = method_fragment("lora", tmp_path)
     want = _reference("lora", 1, tiny, glue_dir, method, tmp_path / "ref", [])
     root = tmp_path / "stopped"
     root.mkdir()
-    stopped = _interrupted(root, 11, run_cli(*_args(tiny, glue_dir, method, root,
+    keep_all = ["--checkpoint.save_top_k", "-1"]  # the step-10 validation's checkpoint too
+    stopped = _interrupted(root, 11, run_cli(*_args(tiny, glue_dir, method, root, *keep_all,
                                                     *_sigterm_at(10)), cwd=root))
     assert _validated_at(stopped) == [5, 10]
-    dump = root / "dump"
-    _in_process(_args(tiny, glue_dir, method, root, "--ckpt_path",
-                      str(stopped / "checkpoints/last.ckpt"), *_dump(dump)))
-    _same(_weights(dump), want, 1, dump)
+    (at_epoch_end,) = (stopped / "checkpoints").glob("step10-*.ckpt")
+    for start in (stopped / "checkpoints/last.ckpt", at_epoch_end):
+        dump = root / f"dump-{start.stem}"
+        _in_process(_args(tiny, glue_dir, method, root, "--ckpt_path", str(start),
+                          *_dump(dump)))
+        _same(_weights(dump), want, 1, dump)
 
 
 @pytest.mark.slow
