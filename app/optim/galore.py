@@ -18,7 +18,13 @@ projector. All projected math and state are float32 whatever the parameter dtype
 * **GaLore** (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
   Projection", ICML 2024): ``P`` holds the top-``r`` right (``p >= q``) or left (``p < q``)
   singular vectors of ``G``, recomputed every ``update_proj_gap`` (T) steps and stored in the
-  state as a tensor (``"projector"``).
+  state as a tensor (``"projector"``); :mod:`app.optim.subspace`. Deviations from the paper's
+  code, both for a ``P`` that every path and process count computes alike: the SVD runs in
+  float64 and each vector is sign-fixed (largest-magnitude entry positive); singular values
+  ``<= null_rtol * sigma_1`` (default 1e-3; 0 = the paper's code) count as zero and their
+  vectors, which only rounding defines, are zero rows / columns of ``P``, so Adam never
+  scales rounding noise into a full-size step (a rank-deficient gradient, such as the
+  tests' tiny BERT pooler's, trains in fewer than ``r`` directions until a refresh finds more).
 * **GaRare** (Liu et al., "On the Optimization Landscape of Low Rank Adaptation Methods for
   LLMs", ICLR 2025): ``P`` is random, regenerated at every step from a ``torch.Generator``
   seeded by ``(seed, zlib.crc32(parameter name), step // T)`` and never stored, so every
@@ -49,7 +55,7 @@ The state holds tensors only (``step`` as a float32 CPU scalar tensor like torch
 ``state_dict`` survives ``torch.load(weights_only=True)``. Under FSDP2 (``DTensor`` weights
 sharded along their long side) the projection runs on local rows: see
 :mod:`app.optim.sharded_projection` (no collective per step; GaLore's refresh all-reduces the
-short-side Gram matrix).
+short-side Gram matrix, ``8 min(p, q)^2`` bytes per targeted weight every T steps).
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ from torch.optim.optimizer import ParamsT
 
 from app.adapters.contract import ALL_STRATEGIES, MethodSpec
 from app.optim.projected import ProjectedAdamW, projection_seed, random_projection
+from app.optim.subspace import NULL_RTOL
 
 __all__ = ["GaLoreAdamW", "GaRareAdamW", "projection_seed", "random_projection"]
 
@@ -95,6 +102,7 @@ class GaLoreAdamW(ProjectedAdamW):
     ``W -= lr * scale * back(adam(R))`` then ``W -= lr * weight_decay * W``. ``P`` is
     recomputed from the current gradient every ``update_proj_gap`` steps (steps 0, T, 2T, ...)
     and stored in the state under ``"projector"``; moments are not rotated when it changes.
+    Null singular directions (``null_rtol``) are zero in ``P``.
 
     Args:
         params: Named parameters (``model.named_parameters()``) or param groups whose
@@ -115,6 +123,8 @@ class GaLoreAdamW(ProjectedAdamW):
             4 on GLUE).
         moments_on_proj_change: ``"keep"`` (the paper's code) or ``"reset"`` the moments when
             ``P`` is recomputed (module docstring).
+        null_rtol: Singular values at or below ``null_rtol * sigma_1`` count as zero: their
+            rows (columns) of ``P`` are zero (:mod:`app.optim.subspace`); 0 keeps every vector.
     """
 
     projection: ClassVar[Literal["svd", "random"]] = "svd"
@@ -132,10 +142,11 @@ class GaLoreAdamW(ProjectedAdamW):
         update_proj_gap: int = 200,
         scale: float = 0.25,
         moments_on_proj_change: Literal["keep", "reset"] = "keep",
+        null_rtol: float = NULL_RTOL,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, target_modules, rank,
                          update_proj_gap, scale, seed=0,
-                         moments_on_proj_change=moments_on_proj_change)
+                         moments_on_proj_change=moments_on_proj_change, null_rtol=null_rtol)
 
 
 class GaRareAdamW(ProjectedAdamW):

@@ -20,7 +20,7 @@ from app.adapters.contract import MethodSpec
 from app.adapters.targets import matches_component
 from app.draws import random_orthonormal, seed_of
 from app.dtensor import is_dtensor
-from app.optim import sharded_projection
+from app.optim import sharded_projection, subspace
 
 __all__ = ["ProjectedAdamW", "projection_seed", "random_projection"]
 
@@ -82,14 +82,6 @@ def random_projection(
     return qmat.T.contiguous() if p >= q else qmat
 
 
-def _svd_projection(grad: Tensor, rank: int) -> Tensor:
-    """GaLore's projector: top-``r`` right (``p >= q``, ``r x q``) or left (``p x r``) vectors."""
-    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-    if grad.shape[0] >= grad.shape[1]:
-        return vh[:rank].contiguous()
-    return u[:, :rank].contiguous()
-
-
 def _is_embedding(name: str) -> bool:
     parts = name.lower().split(".")
     return any("embed" in part or part in _EMBEDDING_NAMES for part in parts)
@@ -124,6 +116,7 @@ class ProjectedAdamW(Optimizer):
         seed: int,
         projection_norm: Literal["orthonormal", "gaussian"] = "orthonormal",
         moments_on_proj_change: Literal["keep", "reset"] = "keep",
+        null_rtol: float = subspace.NULL_RTOL,
     ) -> None:
         for key, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if value < 0.0:
@@ -136,6 +129,8 @@ class ProjectedAdamW(Optimizer):
         if moments_on_proj_change not in ("keep", "reset"):
             raise ValueError("moments_on_proj_change must be 'keep' or 'reset', got "
                              f"{moments_on_proj_change!r}")
+        if not 0.0 <= null_rtol < 1.0:
+            raise ValueError(f"null_rtol must be in [0, 1), got {null_rtol}")
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         self.target_modules = None if target_modules is None else list(target_modules)
@@ -151,6 +146,8 @@ class ProjectedAdamW(Optimizer):
             "projection_norm": projection_norm,
             "moments_on_proj_change": moments_on_proj_change,
         }
+        if self.projection == "svd":  # GaLore: singular values <= null_rtol * sigma_1 are zero
+            defaults["null_rtol"] = null_rtol
         super().__init__(params, defaults)
         if self.target_modules is not None and not any(
             any(g["projected"]) for g in self.param_groups
@@ -291,11 +288,13 @@ class ProjectedAdamW(Optimizer):
                                      p.device, group.get("projection_norm", "orthonormal"))
         state = self.state[p]
         if step % gap == 0 or "projector" not in state:
+            null_rtol = group.get("null_rtol", subspace.NULL_RTOL)
             if is_dtensor(p):  # FSDP2: short-side Gram matrix, one all-reduce
-                state["projector"] = sharded_projection.gram_projection(
-                    grad, rank, p.shape[0] >= p.shape[1], sharded_projection.reducer(p))
+                state["projector"] = subspace.gram_projection(
+                    grad, rank, p.shape[0] >= p.shape[1], sharded_projection.reducer(p),
+                    null_rtol)
             else:
-                state["projector"] = _svd_projection(grad, rank)
+                state["projector"] = subspace.svd_projection(grad, rank, null_rtol)
         return state["projector"]
 
     def _projected_step(self, name: str, p: Tensor, group: dict[str, Any]) -> None:

@@ -12,19 +12,18 @@ shape ``r x q`` for ``p >= q``, ``R = P^T G`` with ``P`` of shape ``p x r`` othe
   parameter name and the global shape), so no collective at all;
 - GaLore's refresh needs the top-``r`` singular vectors on the short side: the short-side Gram
   matrix (``G^T G``, ``q x q``, for ``p >= q``; ``G G^T``, ``p x p``, otherwise) is a local
-  product plus **one all-reduce of** ``min(p, q)^2`` floats per targeted weight and refresh
-  (every ``update_proj_gap`` steps); its top-``r`` eigenvectors (replicated ``eigh``) are
-  the wanted singular vectors. Nothing ``p x q`` is gathered. Cost per refresh and weight:
-  ``2 max(p, q)_local min(p, q)^2`` flops (float64), ``8 min(p, q)^2`` bytes all-reduced, one
-  ``min(p, q)`` symmetric eigendecomposition.
+  product plus **one all-reduce of** ``min(p, q)^2`` float64 values per targeted weight and
+  refresh (every ``update_proj_gap`` steps); its top-``r`` eigenvectors (replicated ``eigh``)
+  are the wanted singular vectors (:func:`app.optim.subspace.gram_projection`). Nothing
+  ``p x q`` is gathered. Cost per refresh and weight: ``2 max(p, q)_local min(p, q)^2`` flops
+  (float64), ``8 min(p, q)^2`` bytes all-reduced (counted in ``tests/test_fsdp2.py``: 13 x 8 x
+  32^2 = 106,496 bytes per refresh on the tiny BERT), one ``min(p, q)`` symmetric
+  eigendecomposition; between refreshes nothing.
 
-Singular vectors are defined up to sign; :func:`sign_fixed` makes every vector's largest
-entry positive. Status: GaLore under FSDP2 is still refused at start-up. On the tiny test
-model a two-rank GaLore run drifts from a one-process run (3e-4 after 6 steps with the SVD
-refresh on one process, still above 1e-5 after 20 steps with this same Gram refresh on one
-process): the layers' gradients have near-zero singular directions inside the top ``r``,
-whose basis depends on rounding (SVD vs Gram, reduction order), and Adam's normalisation
-turns those tiny components into full-size steps. GaRare (random ``P``) matches to 1e-7.
+Status: the one-process path (SVD) and this one (Gram) share
+:func:`app.optim.subspace.top_singular` (the same signs; zero columns for the null directions
+``sigma_i <= null_rtol * sigma_1``); GaLore under FSDP2 is still refused at start-up until a
+two-rank run is tested against one process.
 
 GaRare deviation from the issue's sketch ("each rank generates its rows of ``P``"): with the
 projection on the short side ``P`` is never sharded, so every rank draws all of it
@@ -41,8 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["as_state", "check_placement", "gram_projection", "local_view", "reducer",
-           "sign_fixed"]
+__all__ = ["as_state", "check_placement", "local_view", "reducer"]
 
 
 def local_view(t: Tensor) -> Tensor:
@@ -68,35 +66,6 @@ def check_placement(name: str, p: Tensor) -> None:
             f"'{name}' of shape {tuple(p.shape)} is sharded as {p.placements}; GaLore / GaRare "
             "need targeted weights sharded along their long dimension "
             "(configs/strategy/fsdp2.yaml)")
-
-
-def sign_fixed(vectors: Tensor, dim: int) -> Tensor:
-    """Flip each vector (slices along ``dim``) so that its largest-magnitude entry is positive."""
-    idx = vectors.abs().argmax(dim=dim, keepdim=True)
-    signs = torch.sign(torch.gather(vectors, dim, idx))
-    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def gram_projection(grad_local: Tensor, rank: int, tall: bool, reduce: Any) -> Tensor:
-    """GaLore's projector from the all-reduced short-side Gram matrix of the local gradient.
-
-    Args:
-        grad_local: This rank's rows (``tall``) or columns of the float32 gradient.
-        rank: ``r``.
-        tall: Whether the global weight has ``p >= q``.
-        reduce: In-place sum over the ranks (``None`` on one device).
-
-    Returns:
-        ``P``: ``r x q`` (orthonormal rows) if ``tall``, else ``p x r`` (orthonormal columns),
-        each singular vector sign-fixed by :func:`sign_fixed`.
-    """
-    g = grad_local.to(torch.float64)  # fp32 Gram entries would drown sigma_i << sigma_1
-    gram = g.T @ g if tall else g @ g.T
-    if reduce is not None:
-        reduce(gram)
-    _, vecs = torch.linalg.eigh(0.5 * (gram + gram.T))
-    top = sign_fixed(vecs[:, -rank:].flip(-1), dim=0).to(torch.float32)
-    return top.T.contiguous() if tall else top.contiguous()
 
 
 def as_state(local: Tensor, like: Tensor, rank: int) -> Tensor:
