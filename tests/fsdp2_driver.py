@@ -8,12 +8,17 @@ as one process (``--world 1``) on the same global batches (batch 2 x 8). For eve
 writes ``DIR/<method>/rank<k>.pt`` (:class:`ddp_dump.DumpParams`: whole parameters) and the
 run folder (checkpoints every epoch end, the PEFT export). ``--resume`` methods are fitted a
 second time from the sharded checkpoint of epoch 3 (step 9) into ``DIR/<method>-resumed``.
-For StelLA every all-reduce of the manifold step is recorded (``collectives.json``).
+For StelLA every all-reduce of the manifold step is recorded (``collectives.json``), for
+GaLore every all-reduce of its projector refreshes (``projector_collectives.json``: bytes
+per call, by optimizer step). Optimizers with an ``update_proj_gap`` get
+``PROJ_GAP`` so that 20 steps see several subspaces (GaLore: refreshes at 0, 5, 10, 15; a
+resume at step 9 continues with the stored projector of step 5).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from tiny import glue_run_config, write_yaml  # noqa: E402
 
 BATCH = 8  # per rank under two ranks; the single process gets 2 x 8
+PROJ_GAP = 5  # GaLore / GaRare: a new subspace every 5 steps (the fragments' 200 > 20 steps)
 
 
 def method_config(method: str, ckpt: Path, data: Path, out: Path, world: int, steps: int,
@@ -37,6 +43,9 @@ def method_config(method: str, ckpt: Path, data: Path, out: Path, world: int, st
     cfg = glue_run_config(ckpt, data, out / "runs", max_steps=steps, val_check_interval=None,
                           limit_val_batches=0)
     cfg["model"]["init_args"].update(spec["model"]["init_args"])
+    optimizer = cfg["model"]["init_args"]["optimizer"].get("init_args", {})
+    if "update_proj_gap" in optimizer:
+        optimizer["update_proj_gap"] = PROJ_GAP
     for key, value in (spec.get("trainer") or {}).items():
         cfg["trainer"][key] = value
     adapter = cfg["model"]["init_args"].get("adapter")
@@ -61,7 +70,7 @@ def method_config(method: str, ckpt: Path, data: Path, out: Path, world: int, st
     return write_yaml(out / "run.yaml", cfg)
 
 
-def fit(config: Path, ckpt_path: str | None = None) -> object:
+def fit(config: Path, ckpt_path: str | None = None) -> tuple[object, dict[int, list[int]]]:
     from app.cli import build_cli
 
     cli = build_cli(["--config", str(config)], run=False)
@@ -69,9 +78,37 @@ def fit(config: Path, ckpt_path: str | None = None) -> object:
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "StellaCallback":
             recorder = _record_collectives(callback)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path,
-                    weights_only=False if ckpt_path else None)
-    return recorder
+    with _record_projector_refreshes(cli.trainer) as refreshes:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path,
+                        weights_only=False if ckpt_path else None)
+    return recorder, refreshes
+
+
+@contextlib.contextmanager
+def _record_projector_refreshes(trainer: object):
+    """Log the bytes of every all-reduce of GaLore's projector refreshes, by optimizer step
+    (``trainer.global_step`` while the step runs): wraps
+    :func:`app.optim.sharded_projection.reducer`, which each refresh calls for its reducer."""
+    from app.manifolds.sharded import AllReduce
+    from app.optim import sharded_projection
+
+    steps: dict[int, list[int]] = {}
+    reducer = sharded_projection.reducer
+
+    class Counted(AllReduce):
+        def __call__(self, t) -> None:
+            steps.setdefault(trainer.global_step, []).append(t.numel() * t.element_size())
+            super().__call__(t)
+
+    def counted_reducer(p):
+        found = reducer(p)
+        return None if found is None else Counted(found.group)
+
+    sharded_projection.reducer = counted_reducer
+    try:
+        yield steps
+    finally:
+        sharded_projection.reducer = reducer
 
 
 def _record_collectives(callback: object) -> list[list[int]]:
@@ -120,9 +157,12 @@ def main() -> None:
         full = method in args.resume_full.split(",")
         config = method_config(method, args.ckpt, args.data, out, args.world, args.steps,
                                full_checkpoint=full)
-        steps = fit(config)
-        if steps and (not dist.is_initialized() or dist.get_rank() == 0):
-            (out / "collectives.json").write_text(json.dumps(steps))
+        steps, refreshes = fit(config)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            if steps:
+                (out / "collectives.json").write_text(json.dumps(steps))
+            if refreshes:
+                (out / "projector_collectives.json").write_text(json.dumps(refreshes))
         if method in args.resume.split(",") + args.resume_full.split(","):
             again = args.out / f"{method}-resumed"
             config = method_config(method, args.ckpt, args.data, again, args.world,

@@ -6,12 +6,12 @@ after another in one process group) and one single process on the same global ba
 process's (fp32, 1e-5); StelLA's factors are orthonormal and Manifold-LoRA's drift is small;
 resuming from a sharded (and a full) checkpoint is exact; the export is the same PEFT folder
 and loads through plain PEFT with the single-process logits; the manifold step's collectives
-move ``r x r`` per factor. GaLore's sharded refresh is refused at start-up (checked alone).
+move ``r x r`` per factor and GaLore's projector refreshes (every 5 steps here, the driver's
+``PROJ_GAP``) one ``min(p, q)^2`` float64 Gram matrix per targeted weight.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -25,9 +25,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = sorted(p.stem for p in (ROOT / "configs/methods").glob("*.yaml"))
-REFUSED = {"galore"}  # GaLoreAdamW: sharded refresh not yet equal to one process
-RUN = [m for m in METHODS if m not in REFUSED]
-RESUME_SHARDED = ["stella", "garare"]
+RUN = METHODS
+RESUME_SHARDED = ["stella", "garare", "galore"]
 RESUME_FULL = ["lora"]
 STEPS = 20
 
@@ -182,17 +181,26 @@ def test_manifold_step_moves_r_by_r_per_factor(runs: Path) -> None:
         assert sizes == [factors * r * r * fp32, factors * 3 * r * r * fp32]
 
 
-def test_galore_is_refused_under_fsdp2_with_what_to_use() -> None:
-    from app.adapters import resolve_method
-    from app.adapters.checks import check_strategy
-    from app.errors import ConfigError
-    from app.fsdp2 import AdapterFSDP2Strategy
-    from app.optim.galore import GaLoreAdamW
+@pytest.mark.slow
+def test_galore_refresh_moves_one_short_side_gram_per_weight(runs: Path) -> None:
+    """Refreshes at steps 0, 5, 10, 15 (PROJ_GAP 5), each one all-reduce of ``8 min(p, q)^2``
+    bytes (float64) per targeted weight, and no GaLore collective between refreshes."""
+    import yaml
 
-    assert "galore" in METHODS and REFUSED <= set(METHODS)
-    spec = resolve_method(None, functools.partial(GaLoreAdamW, rank=4)).spec
-    with pytest.raises(ConfigError, match="configs/strategy/ddp.yaml"):
-        check_strategy(spec, AdapterFSDP2Strategy())
+    from app.adapters.targets import matches_component
+
+    steps = json.loads((runs / "f2" / "galore" / "projector_collectives.json").read_text())
+    fragment = yaml.safe_load((ROOT / "configs/methods/galore.yaml").read_text())
+    targets = fragment["model"]["init_args"]["optimizer"]["init_args"]["target_modules"]
+    params = _dump(runs / "single", "galore")["params"]
+    shapes = [p.shape for n, p in params.items()
+              if p.ndim == 2 and "embed" not in n and matches_component(n, targets)]
+    assert len(shapes) == 13  # q, k, v, attention output, intermediate, output x 2 + pooler
+    expected = sorted(8 * min(shape) ** 2 for shape in shapes)
+    assert sorted(int(k) for k in steps) == [0, 5, 10, 15]
+    for sizes in steps.values():
+        assert sorted(sizes) == expected
+    assert sum(expected) == 13 * 8 * 32 * 32
 
 
 def test_shard_placement_follows_the_long_dimension() -> None:

@@ -159,9 +159,9 @@ def test_galore_garare_allora_refuse_sharding(name: str) -> None:
         AlloraUpdateScaling().setup(fake, module, "fit")
 
 
-def test_fsdp2_strategy_accepts_garare_allora_and_geometry_callbacks() -> None:
-    """configs/strategy/fsdp2.yaml's strategy passes the start-up checks that refuse FSDP1;
-    GaLore's sharded refresh is refused until it reproduces one process."""
+def test_fsdp2_strategy_accepts_galore_garare_allora_and_geometry_callbacks() -> None:
+    """configs/strategy/fsdp2.yaml's strategy passes the start-up checks that refuse FSDP1,
+    GaLore's included (its refresh runs on shards: tests/test_fsdp2.py)."""
     from app.adapters import resolve_method
     from app.adapters.checks import check_strategy, check_trainer
     from app.adapters.lora import AlloraConfig
@@ -175,10 +175,8 @@ def test_fsdp2_strategy_accepts_garare_allora_and_geometry_callbacks() -> None:
         check_strategy(resolve_method(None, factory).spec, strategy)
 
     strategy = AdapterFSDP2Strategy()
-    check_optimizer_strategy(functools.partial(GaRareAdamW, rank=4), strategy)
-    with pytest.raises(ConfigError, match="GaLoreAdamW does not support .*AdapterFSDP2Strategy"
-                                          " yet.*use trainer.strategy=ddp"):
-        check_optimizer_strategy(functools.partial(GaLoreAdamW, rank=4), strategy)
+    for cls in (GaLoreAdamW, GaRareAdamW):
+        check_optimizer_strategy(functools.partial(cls, rank=4), strategy)
     fake = types.SimpleNamespace(strategy=strategy, precision="32-true")
     for config in (StellaConfig, ManifoldLoraConfig, AlloraConfig):  # each callback's method
         check_trainer(config.spec, fake)

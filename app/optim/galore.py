@@ -55,7 +55,8 @@ The state holds tensors only (``step`` as a float32 CPU scalar tensor like torch
 ``state_dict`` survives ``torch.load(weights_only=True)``. Under FSDP2 (``DTensor`` weights
 sharded along their long side) the projection runs on local rows: see
 :mod:`app.optim.sharded_projection` (no collective per step; GaLore's refresh all-reduces the
-short-side Gram matrix, ``8 min(p, q)^2`` bytes per targeted weight every T steps).
+short-side Gram matrix, ``8 min(p, q)^2`` bytes per targeted weight every T steps, and
+reproduces a one-process run: ``tests/test_fsdp2.py``).
 """
 from __future__ import annotations
 
@@ -70,26 +71,20 @@ from app.optim.subspace import NULL_RTOL
 __all__ = ["GaLoreAdamW", "GaRareAdamW", "projection_seed", "random_projection"]
 
 
-def _spec(cls_name: str, fsdp2: bool) -> MethodSpec:
+def _spec(cls_name: str) -> MethodSpec:
     """GaLore's / GaRare's declaration (:mod:`app.adapters.contract`): the rank is the
     optimizer's, the weights are full (``adapter: null``); FSDP1, a plain
-    ``ModelParallelStrategy`` and DeepSpeed are refused, FSDP2 too for GaLore (its sharded
-    subspace refresh does not yet reproduce one process)."""
-    refused = {"fsdp", "model_parallel", "deepspeed"} | (set() if fsdp2 else {"fsdp2"})
+    ``ModelParallelStrategy`` and DeepSpeed are refused (FSDP2 runs the projection on local
+    rows: :mod:`app.optim.sharded_projection`)."""
     return MethodSpec(
         name="GaLore/GaRare", rank_field="optimizer.rank",
-        strategies=ALL_STRATEGIES - refused,
+        strategies=ALL_STRATEGIES - {"fsdp", "model_parallel", "deepspeed"},
         strategy_owner=f"model.init_args.optimizer: {cls_name}",
         strategy_reason="it projects each targeted weight's gradient matrix by rows or "
                         "columns, and this strategy flattens or splits them arbitrarily; use "
                         "FSDP2 (configs/strategy/fsdp2.yaml: weights sharded along their long "
                         "side) or trainer.strategy=ddp (configs/strategy/ddp.yaml, every rank "
                         "keeps full weights)",
-        kind_reasons=() if fsdp2 else (
-            ("fsdp2", " yet: its sharded subspace refresh (the all-reduced short-side Gram "
-                      "matrix, app.optim.sharded_projection) does not yet reproduce a "
-                      "single-process run; use trainer.strategy=ddp (configs/strategy/ddp.yaml), "
-                      "or GaRare (configs/methods/garare.yaml) under FSDP2"),),
         full_weights=True)
 
 
@@ -128,7 +123,7 @@ class GaLoreAdamW(ProjectedAdamW):
     """
 
     projection: ClassVar[Literal["svd", "random"]] = "svd"
-    spec: ClassVar[MethodSpec] = _spec("GaLoreAdamW", fsdp2=False)
+    spec: ClassVar[MethodSpec] = _spec("GaLoreAdamW")
 
     def __init__(
         self,
@@ -179,7 +174,7 @@ class GaRareAdamW(ProjectedAdamW):
     """
 
     projection: ClassVar[Literal["svd", "random"]] = "random"
-    spec: ClassVar[MethodSpec] = _spec("GaRareAdamW", fsdp2=True)
+    spec: ClassVar[MethodSpec] = _spec("GaRareAdamW")
 
     def __init__(
         self,
