@@ -8,9 +8,11 @@ as one process (``--world 1``) on the same global batches (batch 2 x 8). For eve
 writes ``DIR/<method>/rank<k>.pt`` (:class:`ddp_dump.DumpParams`: whole parameters) and the
 run folder (checkpoints every epoch end, the PEFT export). ``--resume`` methods are fitted a
 second time from the sharded checkpoint of epoch 3 (step 9) into ``DIR/<method>-resumed``.
-For StelLA every all-reduce of the manifold step is recorded (``collectives.json``), for
-GaLore every all-reduce of its projector refreshes (``projector_collectives.json``: bytes
-per call, by optimizer step). Optimizers with an ``update_proj_gap`` get
+For every callback with a reducer (the geometry callbacks: StelLA, landing, ALLoRA, the
+Riemannian preconditioner) every all-reduce it makes is recorded (``collectives.json``:
+``{callback class: {optimizer step: [bytes per call]}}``), for GaLore every all-reduce of
+its projector refreshes (``projector_collectives.json``: bytes per call, by optimizer step).
+Optimizers with an ``update_proj_gap`` get
 ``PROJ_GAP`` so that 20 steps see several subspaces (GaLore: refreshes at 0, 5, 10, 15; a
 resume at step 9 continues with the stored projector of step 5).
 """
@@ -70,18 +72,16 @@ def method_config(method: str, ckpt: Path, data: Path, out: Path, world: int, st
     return write_yaml(out / "run.yaml", cfg)
 
 
-def fit(config: Path, ckpt_path: str | None = None) -> tuple[object, dict[int, list[int]]]:
+def fit(config: Path, ckpt_path: str | None = None) -> tuple[dict, dict[int, list[int]]]:
     from app.cli import build_cli
 
     cli = build_cli(["--config", str(config)], run=False)
-    recorder = None
-    for callback in cli.trainer.callbacks:
-        if type(callback).__name__ == "StellaCallback":
-            recorder = _record_collectives(callback)
+    recorded = {type(c).__name__: _record_collectives(c) for c in cli.trainer.callbacks
+                if hasattr(c, "_reduce")}
     with _record_projector_refreshes(cli.trainer) as refreshes:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path,
                         weights_only=False if ckpt_path else None)
-    return recorder, refreshes
+    return {name: steps for name, steps in recorded.items() if steps}, refreshes
 
 
 @contextlib.contextmanager
@@ -111,9 +111,10 @@ def _record_projector_refreshes(trainer: object):
         sharded_projection.reducer = reducer
 
 
-def _record_collectives(callback: object) -> list[list[int]]:
-    """Wrap the callback's reducer (set at train start) to log bytes per optimizer step."""
-    steps: list[list[int]] = []
+def _record_collectives(callback: object) -> dict[int, list[int]]:
+    """Wrap the callback's reducer (set at train start) to log the bytes of each call by
+    optimizer step (``trainer.global_step`` while the optimizer steps)."""
+    steps: dict[int, list[int]] = {}
     original = callback.on_train_start
 
     def on_train_start(trainer, pl_module) -> None:
@@ -121,19 +122,12 @@ def _record_collectives(callback: object) -> list[list[int]]:
         reduce = callback._reduce
         if reduce is None:
             return
-        pre, post = callback._pre_step, callback._post_step
 
-        def pre_step() -> None:
-            before = len(reduce.sizes)
-            pre()
-            steps.append(reduce.sizes[before:])
+        def counted(t) -> None:
+            steps.setdefault(trainer.global_step, []).append(t.numel() * t.element_size())
+            reduce(t)
 
-        def post_step() -> None:
-            before = len(reduce.sizes)
-            post()
-            steps[-1] = steps[-1] + reduce.sizes[before:]
-
-        callback._hooks.pre, callback._hooks.post = pre_step, post_step
+        callback._reduce = counted
 
     callback.on_train_start = on_train_start
     return steps

@@ -172,13 +172,47 @@ def test_export_loads_through_plain_peft_with_single_process_logits(runs: Path) 
     torch.testing.assert_close(out["f2"], out["single"], rtol=0, atol=1e-5)
 
 
+def _collectives(runs: Path, method: str) -> dict[str, dict[str, list[int]]]:
+    path = runs / "f2" / method / "collectives.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+LAYERS, R, FP32 = 4, 8, 4  # r=8 (the fragments) on q/v of the tiny model's 2 blocks
+FACTORS = 2 * LAYERS  # StelLA keeps U and V of each adapted layer on the Stiefel manifold
+
+
 @pytest.mark.slow
 def test_manifold_step_moves_r_by_r_per_factor(runs: Path) -> None:
-    steps = json.loads((runs / "f2" / "stella" / "collectives.json").read_text())
-    assert len(steps) == STEPS
-    factors, r, fp32 = 8, 8, 4  # StelLA r=8 (fragment) on q/v of 2 layers: 8 factors
-    for sizes in steps:  # pre-step X^T G, then post-step (X^T X, X^T N, N^T N)
-        assert sizes == [factors * r * r * fp32, factors * 3 * r * r * fp32]
+    (steps,) = _collectives(runs, "stella").values()
+    assert sorted(int(k) for k in steps) == list(range(STEPS))
+    for sizes in steps.values():  # pre-step X^T G, then post-step (X^T X, X^T N, N^T N)
+        assert sizes == [FACTORS * R * R * FP32, FACTORS * 3 * R * R * FP32]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,per_step", [
+    # Manifold-LoRA keeps B of each layer on the manifold. A's balanced rate: (B^T B, A A^T)
+    # per layer, r x r; then the landing step (X^T X, X^T N) per B
+    ("manifold_stiefel", [LAYERS * 2 * R * R * FP32, LAYERS * 2 * R * R * FP32]),
+    # on the sphere the landing needs only B's column norms: 2 vectors of r per layer
+    ("manifold_sphere", [LAYERS * 2 * R * R * FP32, LAYERS * 2 * R * FP32]),
+    # (B^T B, A A^T) of the 4 adapted layers, one shape group
+    ("riemannian_lora", [2 * LAYERS * R * R * FP32]),
+])
+def test_other_geometry_steps_move_only_r_sized_products(runs: Path, method: str,
+                                                         per_step: list[int]) -> None:
+    (steps,) = _collectives(runs, method).values()
+    assert sorted(int(k) for k in steps) == list(range(STEPS))
+    for sizes in steps.values():
+        assert sizes == per_step
+
+
+@pytest.mark.slow
+def test_allora_row_norms_need_no_collective(runs: Path) -> None:
+    """ALLoRA's fragment scales by rows: B is sharded by rows and A by columns, so every
+    norm is local and its step makes no all-reduce at all."""
+    assert _collectives(runs, "allora") == {}
+    assert _dump(runs / "f2", "allora")["global_step"] == STEPS  # it did train
 
 
 @pytest.mark.slow
