@@ -16,7 +16,7 @@ setting's.
     python bench/plain_peft_mrpc.py --seed 0
     python bench/plain_peft_mrpc.py --seed 0 --train-pooler --warmup 0.06 --weight-decay 0.01
 
-Writes ``bench/results/lora_reference_mrpc/plain_peft_<head>_wu<warm-up>_do<dropout>_s<seed>.{md,json}``.
+Writes ``bench/results/lora_reference_mrpc/plain_peft_<head>_wu<warm-up>_do<dropout>_s<seed>.{md,json}`` (``.`` written ``p``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(epochs[-1], flush=True)
 
     variant = (("pooler" if args.train_pooler else "classifier")
-               + f"_wu{args.warmup:g}_do{args.lora_dropout:g}_s{args.seed}")
+               + f"_wu{args.warmup:g}_do{args.lora_dropout:g}_s{args.seed}").replace(".", "p")
     rows = [f"| {e['epoch']} | {e['step']} | {e['accuracy']:.4f} | {e['f1']:.4f} | "
             f"{e['wall_s']:.0f} |" for e in epochs]
     markdown = "\n".join([
