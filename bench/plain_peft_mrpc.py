@@ -16,7 +16,8 @@ setting's.
     python bench/plain_peft_mrpc.py --seed 0
     python bench/plain_peft_mrpc.py --seed 0 --train-pooler --warmup 0.06 --weight-decay 0.01
 
-Writes ``bench/results/lora_reference_mrpc/plain_peft_<head>_wu<warm-up>_do<dropout>_s<seed>.{md,json}`` (``.`` written ``p``).
+Writes ``bench/results/lora_reference_mrpc/plain_peft_<head>_wu<warm-up>_do<dropout>_s<seed>``
+``.{md,json}`` (a ``.`` in a number written ``p``).
 """
 
 from __future__ import annotations
