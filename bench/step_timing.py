@@ -36,9 +36,11 @@ def setup_callbacks(callbacks: list, module: Any, optimizer: Any, device: Any) -
 
 
 def sync(device: Any) -> None:
+    """Wait for the device's queued work (``device``: a ``torch.device`` or its name)."""
     import torch
 
-    if getattr(device, "type", "cpu") == "cuda":
+    device = torch.device(device)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
