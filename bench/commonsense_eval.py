@@ -49,13 +49,24 @@ def subsample(records: list[dict], n: int | None, seed: int = 0) -> list[tuple[i
 
 
 def run_task(model, tokenizer, task: str, records: list[tuple[int, dict]], mode: str,
-             batch: int, max_new_tokens: int, template: str) -> tuple[float, list[dict]]:
+             batch: int, max_new_tokens: int, template: str,
+             partial: Path | None = None, chunk: int = 64) -> tuple[float, list[dict]]:
+    """Score ``records``; with ``partial``, every finished ``chunk`` of questions is appended
+    to that JSONL file and a rerun continues after the questions already in it."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_question(tokenizer, r, task, template) for _, r in records]
     preds: list[dict] = []
-    chunk = 64
-    for start in range(0, len(encoded), chunk):
+    if partial is not None and partial.is_file():
+        preds = [json.loads(line) for line in partial.read_text().splitlines() if line]
+        expected = [index for index, _ in records[:len(preds)]]
+        if [p["index"] for p in preds] != expected:  # another subsample: start over
+            preds = []
+            partial.unlink()
+        elif preds:
+            print(f"{task}: resuming after {len(preds)} questions", flush=True)
+    encoded = [encode_question(tokenizer, r, task, template) for _, r in records]
+    for start in range(len(preds), len(encoded), chunk):
         part = encoded[start:start + chunk]
+        began = time.perf_counter()
         if mode == "choice":
             scores = choice_logprobs(model, [e["prompt_ids"] for e in part],
                                      [e["option_ids"] for e in part], pad, batch_size=batch)
@@ -67,10 +78,15 @@ def run_task(model, tokenizer, task: str, records: list[tuple[int, dict]], mode:
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             answers = [extract_answer(task, t) for t in texts]
             extra = [{"output": t} for t in texts]
-        for (index, record), answer, more in zip(records[start:start + chunk], answers, extra):
-            preds.append({"task": task, "index": index, "answer": record.get("answer"),
-                          "prediction": answer, "correct": answer == record.get("answer"),
-                          **more})
+        new_preds = [{"task": task, "index": index, "answer": record.get("answer"),
+                      "prediction": answer, "correct": answer == record.get("answer"), **more,
+                      "seconds": round((time.perf_counter() - began) / len(part), 4)}
+                     for (index, record), answer, more in zip(records[start:start + chunk],
+                                                              answers, extra)]
+        preds.extend(new_preds)
+        if partial is not None:
+            with open(partial, "a") as f:
+                f.writelines(json.dumps(p) + "\n" for p in new_preds)
         done = start + len(part)
         print(f"{task}: {done}/{len(encoded)} acc {sum(p['correct'] for p in preds) / done:.4f}",
               flush=True)
@@ -114,15 +130,17 @@ def main() -> None:
             continue
         records = read_records(task_file(args.data_dir, task, "test"), "--data-dir")
         picked = subsample(records, args.max_per_task)
-        t0 = time.time()
+        partial = work / f"{task}.partial.jsonl"
         acc, preds = run_task(model, tokenizer, task, picked, args.mode, args.batch_size,
-                              args.max_new_tokens, args.template)
+                              args.max_new_tokens, args.template, partial)
         row = {"accuracy": acc, "n": len(preds), "of": len(records),
-               "wall_s": round(time.time() - t0, 1)}
+               # scoring time of its questions, summed over sittings when resumed
+               "wall_s": round(sum(p.get("seconds", 0.0) for p in preds), 1)}
         with open(work / f"{task}.predictions.jsonl", "w") as f:
             for p in preds:
                 f.write(json.dumps(p) + "\n")
         done.write_text(json.dumps(row))
+        partial.unlink(missing_ok=True)
         rows[task] = row
     average = sum(r["accuracy"] for r in rows.values()) / len(rows)
     total_wall = sum(r["wall_s"] for r in rows.values())

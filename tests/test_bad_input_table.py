@@ -197,6 +197,8 @@ CASES = [
          expect=("data.init_args.max_train_samples=0 must be at least 1",)),
     Case("learning-rate-negative", args=(f"--{M}optimizer.init_args.lr", "-0.001"),
          expect=("model.init_args.optimizer.init_args.lr=-0.001 must be positive",)),
+    Case("head-learning-rate-zero", args=(f"--{M}head_lr", "0"),
+         expect=("model.init_args.head_lr=0", "give a learning rate > 0")),
     Case("accumulate-zero", args=("--trainer.accumulate_grad_batches", "0"),
          expect=("trainer.accumulate_grad_batches=0 must be at least 1",)),
     Case("max-steps-negative", args=("--trainer.max_steps", "-5"),

@@ -222,3 +222,46 @@ def test_bad_targets_and_gguf_errors_are_one_line(tiny_causal, cs_dir: Path,
     # with the gguf package: the file is not GGUF; without it: what to install
     assert line.startswith("error:") and ("could not be read as a GGUF model" in line
                                           or "pip install gguf" in line)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_train_alike_and_test_scores_every_question_once(
+        tiny_causal, cs_dir: Path, tmp_path: Path) -> None:
+    """StelLA (a geometry callback on every step) on the causal module under two-process CPU
+    DDP: both ranks end with identical parameters after the same steps, the validation
+    accuracy is logged from the gathered questions, and ``test`` on two ranks scores every
+    question exactly once, with the same predictions and accuracy as on one process."""
+    ckpt = tiny_causal("llama")
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    fitted = run_cli(*fit_args(ckpt, cs_dir, tmp_path / "fit", *method_args("stella"),
+                               steps=3), *ddp,
+                     "--trainer.callbacks+=ddp_dump.DumpParams",
+                     f"--trainer.callbacks.dirpath={tmp_path / 'dump'}")
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert any("stella_U" in n for n in ranks[0]["trainable"])
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    folder = run_dir(tmp_path / "fit")
+    assert {"val/acc_avg", "val/acc/boolq", "train/loss"} <= event_tags(folder)
+
+    def tested(root: Path, *extra: str) -> tuple[list[dict], set[str]]:
+        result = run_cli("test", "--config", str(folder / "config.yaml"),
+                         "--ckpt_path", str(folder / "checkpoints" / "last.ckpt"),
+                         "--trainer.default_root_dir", str(root), *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = run_dir(root)
+        lines = (out / "predictions_test.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines], event_tags(out)
+
+    one, _ = tested(tmp_path / "t1", "--trainer.strategy", "auto", "--trainer.devices", "1")
+    two, tags = tested(tmp_path / "t2", *ddp)
+    keys = [(p["task"], p["index"]) for p in two]
+    assert len(keys) == len(set(keys)) == 8  # 4 questions x 2 tasks, none repeated or lost
+    assert [(p["task"], p["index"], p["prediction"]) for p in two] == \
+        [(p["task"], p["index"], p["prediction"]) for p in one]
+    for a, b in zip(one, two):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=2e-4)
+    assert {"test/acc_avg", "test/acc/boolq", "test/acc/ARC-Easy"} <= tags

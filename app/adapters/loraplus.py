@@ -64,6 +64,22 @@ class LoraPlusConfig(LoraFamilyConfig):
         def build(param_groups: Any, **kwargs: Any) -> torch.optim.Optimizer:
             return factory(param_groups, **kwargs)
 
-        return create_loraplus_optimizer(
+        optimizer = create_loraplus_optimizer(
             model, build, lr=probe["lr"], loraplus_lr_ratio=self.loraplus_lr_ratio,
             loraplus_weight_decay=probe.get("weight_decay", 0.0))
+        head_lr = {id(p): g["lr"] for g in groups if "lr" in g for _, p in g["params"]}
+        return _with_head_lr(optimizer, factory, head_lr) if head_lr else optimizer
+
+
+def _with_head_lr(optimizer: torch.optim.Optimizer, factory: Any,
+                  head_lr: dict[int, float]) -> torch.optim.Optimizer:
+    """The same groups (built, never stepped) with the task head's parameters moved into
+    groups of their own at the module's ``head_lr``; their weight decay is kept."""
+    groups = []
+    for group in optimizer.param_groups:
+        options = {k: v for k, v in group.items() if k != "params"}
+        rest = [p for p in group["params"] if id(p) not in head_lr]
+        head = [p for p in group["params"] if id(p) in head_lr]
+        groups += [{**options, "params": rest}] if rest else []
+        groups += [{**options, "params": head, "lr": head_lr[id(head[0])]}] if head else []
+    return factory(groups)

@@ -160,13 +160,16 @@ class StepTimer(StatefulCallback):
             self.drift_at_end = max(drifts.values(), default=None)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
+            return
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask, not rank 0 alone
+        if not trainer.is_global_zero:
             return
         if trainer.interrupted or getattr(trainer, "received_sigterm", False):
             return  # stopped by a signal: not a result (the comparison resumes such a run)
         path = Path(self.dump_path) if self.dump_path else Path("timing.json")
         if not path.is_absolute():
-            path = Path(trainer.log_dir or trainer.default_root_dir) / path
+            path = Path(log_dir or trainer.default_root_dir) / path
         payload: dict[str, Any] = {
             "warmup_steps": self.warmup_steps,
             "world_size": trainer.world_size,

@@ -241,7 +241,8 @@ def retract_fused(
             reduce(grams)
         scale = torch.tensor([float(scales[i]) for i in idx], dtype=torch.float64,
                              device=device)
-        p, q = coefficients(grams, scale)
+        # one cast per group, not two per factor (a quarter of pass 2's time on small r)
+        p, q = (c.to(dtype) for c in coefficients(grams, scale))
         for j, i in enumerate(idx):
             out = results[i]
             if out is None:

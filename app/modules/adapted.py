@@ -12,6 +12,7 @@ are refused (:mod:`app.adapters.checks`), and which callbacks the method needs
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +67,9 @@ class AdaptedModule(L.LightningModule):
             arguments (labels, problem type).
         preprocessor_class: Set by the task module: what is saved beside an export
             (``AutoTokenizer``; image modules ``AutoImageProcessor``).
+        head_lr: Learning rate of the task head (:meth:`head_modules`: the pooler and
+            classifier) for every method; ``None`` (default) trains it at the optimizer's
+            rate, as the papers do. The schedule scales it like every other rate.
     """
 
     def __init__(
@@ -78,8 +82,15 @@ class AdaptedModule(L.LightningModule):
         model_class: Any,
         config_kwargs: dict[str, Any] | None = None,
         preprocessor_class: Any = AutoTokenizer,
+        head_lr: float | None = None,
     ) -> None:
         super().__init__()
+        if head_lr is not None and (isinstance(head_lr, bool) or not isinstance(
+                head_lr, (int, float)) or not (math.isfinite(head_lr) and head_lr > 0)):
+            raise ConfigError(f"model.init_args.head_lr={head_lr!r}: give a learning rate > 0 "
+                              "(or null to train the head at the optimizer's rate)")
+        self.head_lr = None if head_lr is None else float(head_lr)
+        self._heads: list[str] = []  # set by configure_model
         self.checkpoint = checkpoint
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -109,6 +120,7 @@ class AdaptedModule(L.LightningModule):
             return
         self.model, heads = core.build_model(self.model_class, self.checkpoint, self.hf_config,
                                              self.method, self.head_modules)
+        self._heads = list(heads)
         # Fixed here, before a strategy wraps the model: FSDP renames parameters
         # (`_fsdp_wrapped_module.`) and its state_dict hooks are collectives.
         self._state_keys = core.trainable_state_keys(self.model, self.method.spec)
@@ -118,7 +130,8 @@ class AdaptedModule(L.LightningModule):
         rank_zero_info(
             f"parameters: trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
             f" | adapter {type(self.adapter).__name__ if self.adapter else 'none (full FT)'}"
-            f" | heads {heads}"
+            f" | heads {heads}" + ("" if self.head_lr is None or not heads
+                                   else f" at lr {self.head_lr:g}")
         )
 
     def check_strategy(self, strategy: object) -> None:
@@ -180,7 +193,8 @@ class AdaptedModule(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Named parameter groups (:func:`app.modules.core.parameter_groups`)."""
         assert self.model is not None
-        return core.parameter_groups(self.model, self.method.spec.no_decay, self._param_ndims)
+        return core.parameter_groups(self.model, self.method.spec.no_decay, self._param_ndims,
+                                     self._heads, self.head_lr)
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

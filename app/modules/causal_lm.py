@@ -243,8 +243,9 @@ class CausalLMModule(AdaptedModule):
 
     def on_test_epoch_end(self) -> None:
         preds = self._log_epoch("test", self.test_loss)
-        if preds and self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "predictions_test.jsonl"
+        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask, not rank 0 alone
+        if preds and self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "predictions_test.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 for p in preds:

@@ -44,6 +44,7 @@ class ClassificationModule(AdaptedModule):
         adapter: See :class:`app.modules.adapted.AdaptedModule`.
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
+        head_lr: See :class:`app.modules.adapted.AdaptedModule`.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class ClassificationModule(AdaptedModule):
         adapter: PeftConfig | AdapterConfig | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
+        head_lr: float | None = None,
     ) -> None:
         spec = get_task(task)
         if num_labels != spec.num_labels:
@@ -65,7 +67,7 @@ class ClassificationModule(AdaptedModule):
             )
         super().__init__(checkpoint, adapter, optimizer, scheduler,
                          model_class=AutoModelForSequenceClassification,
-                         config_kwargs=_config_kwargs(spec))
+                         config_kwargs=_config_kwargs(spec), head_lr=head_lr)
         self.spec = spec
         self.num_labels = num_labels
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

@@ -16,6 +16,7 @@ these functions into Lightning's hooks, so a task module adds only its steps and
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from app.adapters import (
     resolve_method,
 )
 from app.adapters.contract import Method, MethodSpec
-from app.adapters.targets import with_default_targets
+from app.adapters.targets import matches_component, with_default_targets
 from app.errors import ConfigError
 from app.hub import load_pretrained
 from app.optim.compat import check_optimizer_adapter
@@ -107,25 +108,42 @@ def unwrapped_name(name: str) -> str:
 
 
 def parameter_groups(model: torch.nn.Module, no_decay: tuple[str, ...],
-                     ndims: dict[str, int]) -> list[dict[str, Any]]:
+                     ndims: dict[str, int], heads: Sequence[str] = (),
+                     head_lr: float | None = None) -> list[dict[str, Any]]:
     """Named parameter groups: weight decay on matrices, none on vectors and on parameters
     whose name contains a ``no_decay`` part (torch optimizers record the names as
-    ``param_names``).
+    ``param_names``); with ``head_lr``, the parameters of the ``heads`` modules get groups
+    of their own at that learning rate (``"lr"`` in the group overrides the optimizer's).
 
     Args:
         model: The (possibly FSDP-wrapped) model.
         no_decay: The method's ``spec.no_decay``.
         ndims: Each parameter's real rank by unwrapped name (FSDP1 shows flat 1-D shards).
+        heads: Task-head module names (:func:`app.adapters.head_module_names`); a parameter
+            belongs to a head when the head's dotted name is a run of its name's components
+            (so PEFT's ``...classifier.modules_to_save.default.weight`` does).
+        head_lr: The heads' learning rate; ``None`` keeps them at the optimizer's.
     """
-    decay, kept = [], []
+    split = head_lr is not None and bool(heads)
+    groups: dict[tuple[bool, bool], list[tuple[str, torch.nn.Parameter]]] = {
+        (False, False): [], (True, False): [], (False, True): [], (True, True): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
             name = unwrapped_name(name)
             ndim = ndims.get(name, param.ndim)
             skip = ndim < 2 or any(p in name for p in no_decay)
-            (kept if skip else decay).append((name, param))
-    groups = [{"params": decay}, {"params": kept, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            head = split and matches_component(name, heads)
+            groups[(skip, head)].append((name, param))
+    out = []
+    for (skip, head), params in groups.items():
+        if params:
+            group: dict[str, Any] = {"params": params}
+            if skip:
+                group["weight_decay"] = 0.0
+            if head:
+                group["lr"] = head_lr
+            out.append(group)
+    return out
 
 
 def trainable_state_keys(model: torch.nn.Module, spec: MethodSpec) -> frozenset[str]:

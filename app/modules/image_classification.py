@@ -70,6 +70,7 @@ class ImageClassificationModule(AdaptedModule):
         adapter: See :class:`app.modules.adapted.AdaptedModule`.
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
+        head_lr: See :class:`app.modules.adapted.AdaptedModule`.
 
     Raises:
         ConfigError: For ``num_labels < 2``, class names that disagree with ``num_labels``, or
@@ -87,6 +88,7 @@ class ImageClassificationModule(AdaptedModule):
         adapter: PeftConfig | AdapterConfig | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
+        head_lr: float | None = None,
     ) -> None:
         if num_labels < 2:
             raise ConfigError(f"model.init_args.num_labels={num_labels}: need at least 2 classes")
@@ -99,6 +101,7 @@ class ImageClassificationModule(AdaptedModule):
         super().__init__(
             checkpoint, adapter, optimizer, scheduler,
             model_class=ImageClassifierFactory, preprocessor_class=AutoImageProcessor,
+            head_lr=head_lr,
             config_kwargs={"num_labels": num_labels,
                            "problem_type": "single_label_classification",
                            "id2label": dict(enumerate(names)),

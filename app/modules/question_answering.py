@@ -49,6 +49,7 @@ class QuestionAnsweringModule(AdaptedModule):
         adapter: See :class:`app.modules.adapted.AdaptedModule`.
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
+        head_lr: See :class:`app.modules.adapted.AdaptedModule`.
         n_best_size: Start and end candidates per window.
         max_answer_length: Longest answer in tokens.
         null_score_diff_threshold: SQuAD v2.0 null-answer margin.
@@ -69,12 +70,13 @@ class QuestionAnsweringModule(AdaptedModule):
         n_best_size: int = 20,
         max_answer_length: int = 30,
         null_score_diff_threshold: float = 0.0,
+        head_lr: float | None = None,
     ) -> None:
         if num_labels != 2:
             raise ConfigError(f"model.init_args.num_labels={num_labels}: extractive QA has "
                               "exactly 2 span logits (start, end)")
         super().__init__(checkpoint, adapter, optimizer, scheduler,
-                         model_class=AutoModelForQuestionAnswering)
+                         model_class=AutoModelForQuestionAnswering, head_lr=head_lr)
         self.task = task
         self.version_2 = task == "squad_v2"
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -170,9 +172,12 @@ class QuestionAnsweringModule(AdaptedModule):
     def _write(self, stage: str, preds: dict[str, str], examples: list[QAExample]) -> None:
         """``predictions_<stage>.json`` and the matching ``gold_<stage>.json`` (rank 0)."""
         trainer = self.trainer
-        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.log_dir:
+        if trainer.sanity_checking:
             return
-        folder = Path(trainer.log_dir)
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask, not rank 0 alone
+        if not trainer.is_global_zero or not log_dir:
+            return
+        folder = Path(log_dir)
         write_predictions_json(preds, folder / f"predictions_{stage}.json")
         write_predictions_json(gold_squad_json(examples, self.version_2),
                                folder / f"gold_{stage}.json")
