@@ -171,3 +171,23 @@ def test_geometry_methods_on_question_answering(method: str, tiny_ckpt, tmp_path
     factors = [p for n, p in cli.model.model.named_parameters() if pattern in n]
     assert factors
     assert max(float(stiefel.drift(tall(p.detach()))) for p in factors) < 1e-3
+
+
+@pytest.mark.slow
+def test_squad_v2_under_two_rank_ddp_writes_every_prediction_once(tiny_ckpt,
+                                                                  tmp_path: Path) -> None:
+    """Two-process CPU DDP through the real CLI: the ranks train alike, and the validation
+    predictions gathered from both ranks cover every held-out question exactly once (rank 0
+    writes them; the run folder is a broadcast every rank must take part in)."""
+    from ddp_dump import run_two_ranks
+
+    data = squad_file(tmp_path / "dev.json", v2=True)
+    cfg = qa_config(tiny_ckpt("bert"), tmp_path, "squad_v2", data)
+    run_two_ranks(cfg, tmp_path, steps=4)
+    (run,) = (tmp_path / "runs/lightning_logs").iterdir()
+    preds = json.loads((run / "predictions_val.json").read_text())
+    expected = {ex.id for ex in split_by_article(load_squad(data), 0.5, 0)[1]}
+    assert set(preds) == expected and len(expected) == 8
+    gold = json.loads((run / "gold_val.json").read_text())
+    gold_ids = {q["id"] for a in gold["data"] for p in a["paragraphs"] for q in p["qas"]}
+    assert gold_ids == expected
