@@ -36,7 +36,7 @@ def fragments(folder: str) -> list[Path]:
 def test_every_yaml_is_covered() -> None:
     covered = {*fragments("data"), *fragments("methods"), *fragments("model"),
                *fragments("debug"), *fragments("strategy"), *fragments("pretrain"),
-               CONFIGS / "quickstart.yaml"}
+               *fragments("protocol"), CONFIGS / "quickstart.yaml"}
     assert set(CONFIGS.rglob("*.yaml")) <= covered
 
 
@@ -94,3 +94,20 @@ def test_pretrain_fragment(path: Path, capsys) -> None:
     assert cfg["model"]["class_path"] == "app.modules.causal_lm.CausalLMModule"
     assert init["random_init"] is True and init["adapter"] is None
     assert init["model_config"]["hidden_size"] in (512, 768)
+
+
+@pytest.mark.parametrize("task", ["mrpc", "stsb", "sst2"])
+def test_protocol_fragments_compose_as_compare_glue_does(task: str, capsys) -> None:
+    """``bench/compare_glue.sh``'s order: data, model, the v2 budget, the task's head rate,
+    then a method fragment (which keeps its own optimizer rate and schedule)."""
+    cfg = parsed(capsys, CONFIGS / "data" / f"glue_{task}.yaml", CONFIGS / "model/minilm.yaml",
+                 CONFIGS / "protocol/glue_v2.yaml", CONFIGS / f"protocol/glue_v2_{task}.yaml",
+                 CONFIGS / "methods/stella.yaml")
+    assert cfg["trainer"]["max_epochs"] == 3 and cfg["trainer"]["max_steps"] == -1
+    assert cfg["data"]["init_args"]["batch_size"] == 16
+    assert cfg["data"]["init_args"]["task"] == task
+    init = cfg["model"]["init_args"]
+    assert init["head_lr"] == {"mrpc": 5e-5, "stsb": 2e-3, "sst2": 5e-5}[task]
+    assert init["optimizer"]["init_args"]["lr"] == 5e-4  # the method's own rate
+    assert init["scheduler"]["init_args"]["warmup"] == 0.06
+    assert (CONFIGS / f"protocol/glue_v2_{task}.yaml").is_file()
