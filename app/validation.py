@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 
 #: Option spellings whose value is a file that must exist.
 FILE_OPTIONS = ("--config", "-c", "--ckpt_path")
@@ -98,8 +98,9 @@ def check_config(cfg: Mapping[str, Any], subcommand: str | None) -> None:
         raise ConfigError(f"{ADAPTER}.init_args.target_modules=[] names no layer; list the "
                           "layers to adapt (e.g. [query, value]) or set null for the default")
     lr = optimizer.get("lr")
-    if isinstance(lr, int | float) and not lr > 0:
-        raise ConfigError(f"{OPTIMIZER}.init_args.lr={lr} must be positive; set e.g. lr: 5.0e-4")
+    if isinstance(lr, int | float) and not is_positive_number(lr):
+        raise ConfigError(f"{OPTIMIZER}.init_args.lr={lr} must be a finite number > 0; set e.g. "
+                          "lr: 5.0e-4")
     data = _init_args(cfg.get("data"))
     for key in ("batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
         value = data.get(key)

@@ -116,3 +116,12 @@ def test_num_labels_is_linked_from_data(config, capsys) -> None:
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
     (head,) = [v for k, v in state.items() if k.endswith("modules_to_save.default.weight")]
     assert head.shape[0] == 3
+
+
+@pytest.mark.parametrize("value, ok", [(1e-4, True), (3, True), (0, False), (-1.0, False),
+                                       (float("inf"), False), (float("nan"), False),
+                                       (True, False), ("1e-4", False), (None, False)])
+def test_is_positive_number_is_the_shared_rate_check(value, ok) -> None:
+    from app.errors import is_positive_number
+
+    assert is_positive_number(value) is ok

@@ -23,7 +23,7 @@ from peft.tuners.lora import LoraLayer
 from app.adapters.contract import ROWWISE, ROWWISE_REASON, Constraint, MethodSpec
 from app.adapters.peft_family import LoraFamilyConfig
 from app.draws import random_orthonormal, seed_of
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 
 __all__ = [
     "AlloraConfig",
@@ -267,7 +267,7 @@ class AlloraConfig(LoraFamilyConfig):
             problems.append("rank_pattern / alpha_pattern (per-layer scaling != 1; remove them)")
         if self.use_dora:
             problems.append("use_dora=true (DoRA is a different method; set false)")
-        if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta > 0):
+        if not is_positive_number(self.eta):
             problems.append(f"eta={self.eta} (must be a finite number > 0)")
         if problems:
             raise ConfigError(f"ALLoRA ({_OPTION}): " + "; ".join(problems))

@@ -9,7 +9,6 @@ plain PEFT LoRA (``loraplus_lr_ratio`` is dropped from ``adapter_config.json``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +16,7 @@ import torch
 
 from app.adapters.contract import ALL_STRATEGIES, MethodSpec
 from app.adapters.peft_family import LoraFamilyConfig
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 
 __all__ = ["LoraPlusConfig"]
 
@@ -48,8 +47,7 @@ class LoraPlusConfig(LoraFamilyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         ratio = self.loraplus_lr_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
-                math.isfinite(ratio) and ratio > 0):
+        if not is_positive_number(ratio):
             raise ConfigError("model.init_args.adapter.init_args.loraplus_lr_ratio must be a "
                               f"finite number > 0, got {ratio!r}")
 

@@ -32,7 +32,6 @@ group, then the solves act on the local rows of ``grad_B`` and columns of ``grad
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from app.adapters.peft_family import LoraFamilyConfig
 from app.callbacks.factors import check_fit_setup, reducer_for
 from app.callbacks.state import StatefulCallback
 from app.callbacks.step_hooks import OptimizerStepHooks
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 from app.fsdp2 import local
 
 __all__ = ["RiemannianLoraConfig", "RiemannianPreconditioner", "precondition"]
@@ -114,8 +113,7 @@ class RiemannianLoraConfig(LoraFamilyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta)
-                and self.delta > 0):
+        if not is_positive_number(self.delta):
             raise ConfigError(f"{_OPTION}.delta must be a finite number > 0, got {self.delta!r}")
         if self.use_dora:
             raise ConfigError(f"{_OPTION}.use_dora: Riemannian preconditioning is defined for "

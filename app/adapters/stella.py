@@ -22,7 +22,6 @@ standard PEFT LoRA format that ``PeftModel.from_pretrained`` loads.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -45,7 +44,7 @@ from app.adapters.targets import (
     peft_default_targets,
 )
 from app.draws import random_orthonormal
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 
 __all__ = ["StellaConfig", "StellaLinear"]
 
@@ -207,7 +206,7 @@ class StellaConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"{_OPTION}.r must be a positive integer, got {self.r!r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not is_positive_number(self.alpha):
             raise ConfigError(f"{_OPTION}.alpha must be a positive number, got {self.alpha!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):

@@ -32,7 +32,7 @@ from app.adapters.lora import AlloraConfig, lora_layers
 from app.callbacks.factors import reducer_for
 from app.callbacks.state import StatefulCallback
 from app.callbacks.step_hooks import OptimizerStepHooks
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 from app.fsdp2 import local
 
 __all__ = ["AlloraUpdateScaling", "allora_coefficient"]
@@ -101,8 +101,8 @@ class AlloraUpdateScaling(StatefulCallback):
         if granularity not in ("row", "tensor"):
             raise ConfigError(f"AlloraUpdateScaling granularity must be 'row' or 'tensor', got "
                               f"{granularity!r}")
-        if eta is not None and not eta > 0:
-            raise ConfigError(f"AlloraUpdateScaling eta must be > 0, got {eta}")
+        if eta is not None and not is_positive_number(eta):
+            raise ConfigError(f"AlloraUpdateScaling eta must be a finite number > 0, got {eta}")
         self.eta = eta
         self.granularity = granularity
         self.resolved_eta: float | None = None
@@ -150,8 +150,8 @@ class AlloraUpdateScaling(StatefulCallback):
 
         Usable without a Trainer (benchmarks, tests): ``attach(peft_model, [optimizer], eta)``.
         """
-        if eta is None or not eta > 0:
-            raise ConfigError(f"AlloraUpdateScaling needs eta > 0, got {eta}")
+        if not is_positive_number(eta):
+            raise ConfigError(f"AlloraUpdateScaling needs a finite eta > 0, got {eta}")
         self.resolved_eta = float(eta)
         shapes: dict[tuple, list[Tensor]] = defaultdict(list)
         count = 0

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from app.callbacks.factors import reducer_for
 from app.callbacks.state import StatefulCallback
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 from app.manifolds import sharded, sphere, stiefel
 from app.manifolds.batching import apply_grouped
 
@@ -57,7 +57,7 @@ class OrthogonalityDrift(StatefulCallback):
         if every_n_steps < 1:
             raise ConfigError(f"OrthogonalityDrift every_n_steps must be >= 1, "
                               f"got {every_n_steps}")
-        if threshold is not None and not threshold > 0:
+        if threshold is not None and not is_positive_number(threshold):
             raise ConfigError(f"OrthogonalityDrift threshold must be positive or null, "
                               f"got {threshold}")
         if manifold not in _DRIFT:

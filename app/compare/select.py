@@ -32,6 +32,7 @@ import yaml
 
 from app.compare.collect import metric_values
 from app.compare.plan import RunSpec, load_fragments
+from app.errors import is_positive_number
 
 __all__ = ["LR_OPTION", "apply_rates", "fragment_lr_grid", "method_grids", "select_rates",
            "selection_plan"]
@@ -56,7 +57,7 @@ def fragment_lr_grid(path: str | Path) -> list[float] | None:
         grid = [float(v) for v in values]
     except (yaml.YAMLError, TypeError, ValueError):
         grid = []
-    if not grid or not all(math.isfinite(v) and v > 0 for v in grid):
+    if not grid or not all(is_positive_number(v) for v in grid):
         raise ValueError(f"{path}: '# lr_grid: {found.group(1)}' must list positive numbers, "
                          "e.g. '# lr_grid: [5.0e-4, 1.0e-3, 2.0e-3]'")
     return sorted(dict.fromkeys(grid))
@@ -71,7 +72,7 @@ def method_grids(methods: Sequence[str | Path], lrs: Sequence[float] | None
             not given (naming the fragment and both fixes).
     """
     if lrs:
-        bad = [v for v in lrs if not (math.isfinite(v) and v > 0)]
+        bad = [v for v in lrs if not is_positive_number(v)]
         if bad:
             raise ValueError(f"--lrs: {bad} are not positive learning rates")
         grid = sorted(dict.fromkeys(float(v) for v in lrs))

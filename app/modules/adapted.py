@@ -12,7 +12,6 @@ are refused (:mod:`app.adapters.checks`), and which callbacks the method needs
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from app.adapters import head_module_names
 from app.adapters.checks import check_trainer, missing_callbacks
 from app.adapters.contract import AdapterConfig, Method
 from app.atomic import atomic_folder
-from app.errors import ConfigError
+from app.errors import ConfigError, is_positive_number
 from app.hub import load_pretrained, resolve_checkpoint
 from app.modules import core
 from app.modules.core import count_parameters  # noqa: F401  (re-exported for callers)
@@ -85,8 +84,7 @@ class AdaptedModule(L.LightningModule):
         head_lr: float | None = None,
     ) -> None:
         super().__init__()
-        if head_lr is not None and (isinstance(head_lr, bool) or not isinstance(
-                head_lr, (int, float)) or not (math.isfinite(head_lr) and head_lr > 0)):
+        if head_lr is not None and not is_positive_number(head_lr):
             raise ConfigError(f"model.init_args.head_lr={head_lr!r}: give a learning rate > 0 "
                               "(or null to train the head at the optimizer's rate)")
         self.head_lr = None if head_lr is None else float(head_lr)
