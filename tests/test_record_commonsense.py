@@ -1,0 +1,72 @@
+"""``bench/record_commonsense.py`` end to end on a tiny Llama: the zero-shot row and a LoRA
+row come from real ``lightning-cli`` ``fit`` / ``test`` runs, the per-question marks it keeps
+rebuild its accuracies and its paired change (checked against a hand computation), a rerun
+reuses the runs, and a rerun with other settings stops instead of mixing them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny_causal import write_commonsense
+
+ROOT = Path(__file__).resolve().parents[1]
+SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
+         "openbookqa"]
+
+
+def record(ckpt: Path, data: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench/record_commonsense.py"), "--methods", "lora",
+         "--checkpoint", str(ckpt), "--data-dir", str(data), "--work", str(tmp / "work"),
+         "--out", str(tmp / "out"), "--batch", "4", "--test-per-task", "5", "--threads", "1",
+         *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) -> None:
+    sizes = {t: (12 if t in ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa") else 0, 7)
+             for t in SEVEN}
+    data = write_commonsense(tmp_path / "cs", sizes)
+    done = record(tiny_causal("llama"), data, tmp_path, "--steps", "3")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    payload = json.loads((tmp_path / "out.json").read_text())
+    results = payload["results"]
+    assert set(results) == {"zero-shot", "lora_s0"}
+    zero, lora = results["zero-shot"], results["lora_s0"]
+    for row in (zero, lora):
+        for task in SEVEN:  # 5 of the 7 questions of every set, the same ones in both rows
+            assert len(row["questions"][task]) == len(row["correct"][task]) == 5
+            assert row["questions"][task] == zero["questions"][task]
+            marks = row["correct"][task]
+            assert math.isclose(row["scores"][task], marks.count("1") / 5)
+        assert math.isclose(row["scores"]["average"],
+                            sum(row["scores"][t] for t in SEVEN) / 7)
+    assert lora["settings"] == {"steps": 3, "batch": 4, "test_per_task": 5,
+                                "checkpoint": str(tiny_causal("llama"))}
+    assert lora["step_ms"] > 0 and lora["trainable"] != "?"
+    # the paired change by hand: mean over tasks of the mean per-question difference, and
+    # 1.96 * sqrt(sum_t var_t / n_t) / 7 with the sample variance
+    mean, var = 0.0, 0.0
+    for task in SEVEN:
+        d = [int(a) - int(b) for a, b in zip(lora["correct"][task], zero["correct"][task])]
+        m = sum(d) / 5
+        mean += m / 7
+        var += sum((x - m) ** 2 for x in d) / 4 / 5 / 49
+    half = 1.96 * math.sqrt(var)
+    row = next(line for line in (tmp_path / "out.md").read_text().splitlines()
+               if line.startswith("| lora_s0 |"))
+    assert f"{100 * mean:+.2f} ({100 * (mean - half):+.2f}, {100 * (mean + half):+.2f})" in row
+    # a rerun reuses both rows (no new run folder), a rerun with other settings stops
+    versions = sorted((tmp_path / "work/lora_s0/lightning_logs").iterdir())
+    again = record(tiny_causal("llama"), data, tmp_path, "--steps", "3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted((tmp_path / "work/lora_s0/lightning_logs").iterdir()) == versions
+    other = record(tiny_causal("llama"), data, tmp_path, "--steps", "4")
+    assert other.returncode != 0
+    assert "was recorded with" in other.stderr and "delete" in other.stderr
