@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 from common import write_results  # noqa: E402
 from fragments import baseline, fragment_parts, geometry_fragments  # noqa: E402
 from step_timing import (  # noqa: E402
+    MethodRunner,
     interleaved_times,
     iqr,
     parse_targets,
     ratios,
-    setup_callbacks,
 )
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,31 +54,19 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 TARGETS = {"stella": 1.05, "manifold_stiefel": 1.03}
 
 
-class Runner:
-    """One method: its causal-LM module, optimizer, declared callbacks and a training step."""
+def make_runner(name: str, args: argparse.Namespace, batch: dict) -> MethodRunner:
+    """``name``'s fragment on the causal-LM module, rank ``args.rank`` on all seven
+    projections."""
+    import torch
 
-    def __init__(self, name: str, args: argparse.Namespace, batch: dict) -> None:
-        import torch
+    from app.modules.causal_lm import CausalLMModule
 
-        from app.modules.causal_lm import CausalLMModule
-
-        self.name, self.batch, self.device = name, batch, torch.device(args.device)
-        adapter, optimizer_factory, self.callbacks, _ = fragment_parts(name, args.rank, SEVEN)
-        torch.manual_seed(0)
-        self.module = CausalLMModule(checkpoint=args.checkpoint, adapter=adapter,
-                                     optimizer=optimizer_factory)
-        self.module.configure_model()
-        self.module.to(self.device).train()
-        self.optimizer = self.module.method.build_optimizer(
-            self.module.model, optimizer_factory, self.module.parameter_groups())
-        setup_callbacks(self.callbacks, self.module, self.optimizer, self.device)
-        self.trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-
-    def step(self) -> None:
-        loss = self.module.model(**self.batch).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    adapter, optimizer_factory, callbacks, _ = fragment_parts(name, args.rank, SEVEN)
+    torch.manual_seed(0)
+    module = CausalLMModule(checkpoint=args.checkpoint, adapter=adapter,
+                            optimizer=optimizer_factory)
+    return MethodRunner(name, module, optimizer_factory, callbacks, batch,
+                        torch.device(args.device))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -116,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = args.methods or geometry_fragments()
     bases = {name: baseline(name) for name in methods}
     names = list(dict.fromkeys([*sorted(set(bases.values()) - set(methods)), *methods]))
-    runners = [Runner(name, args, batch) for name in names]
+    runners = [make_runner(name, args, batch) for name in names]
     times = interleaved_times(runners, args.warmup, args.reps, args.steps, args.device)
     load = {"before": load_before, "after": os.getloadavg()[0]}
     rows, results = [], {}

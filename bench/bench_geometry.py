@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 from common import write_results  # noqa: E402
 from fragments import fragment_parts, geometry_fragments, import_path  # noqa: E402
 from step_timing import (  # noqa: E402
+    MethodRunner,
     interleaved_times,
     iqr,
     parse_targets,
     ratios,
-    setup_callbacks,
     sync,
 )
 
@@ -55,55 +55,42 @@ from step_timing import (  # noqa: E402
 TARGETS = {"stella": 1.10, "manifold_stiefel": 1.03}
 
 
-class Runner:
-    """One method: its module, optimizer, declared callbacks and a training step."""
+def make_runner(name: str, args: argparse.Namespace, batch: dict) -> MethodRunner:
+    """``name``'s fragment on the classification module (RTE head)."""
+    import torch
 
-    def __init__(self, name: str, args: argparse.Namespace, batch: dict) -> None:
-        import torch
+    from app.modules.classification import ClassificationModule
 
-        from app.modules.classification import ClassificationModule
+    adapter, optimizer_factory, callbacks, _ = fragment_parts(name, args.rank, args.targets)
+    torch.manual_seed(0)
+    module = ClassificationModule(checkpoint=args.checkpoint, task="rte", num_labels=2,
+                                  adapter=adapter)
+    return MethodRunner(name, module, optimizer_factory, callbacks, batch,
+                        torch.device(args.device))
 
-        self.name, self.batch, self.device = name, batch, torch.device(args.device)
-        adapter, optimizer_factory, self.callbacks, _ = fragment_parts(name, args.rank,
-                                                                       args.targets)
-        torch.manual_seed(0)
-        self.module = ClassificationModule(checkpoint=args.checkpoint, task="rte", num_labels=2,
-                                           adapter=adapter)
-        self.module.configure_model()
-        self.module.to(self.device).train()
-        self.optimizer = self.module.method.build_optimizer(
-            self.module.model, optimizer_factory, self.module.parameter_groups())
-        setup_callbacks(self.callbacks, self.module, self.optimizer, self.device)
-        self.trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
-    def step(self) -> None:
-        loss = self.module.model(**self.batch).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def callback_overhead(self, reps: int) -> dict[str, float]:
-        """Milliseconds (median and min) of the callbacks' pre- and post-step work alone
-        (callbacks with ``_pre_step`` / ``_post_step``; others are timed in the step only)."""
-        hooked = [c for c in self.callbacks if hasattr(c, "_pre_step") and hasattr(c, "_post_step")]
-        if not hooked:
-            return {}
-        self.module.model(**self.batch).loss.backward()
-        pre, post = [], []
-        for _ in range(reps):
-            for callback in hooked:
-                sync(self.device)
-                t0 = time.perf_counter()
-                callback._pre_step()
-                sync(self.device)
-                t1 = time.perf_counter()
-                callback._post_step()  # no optimizer step in between: D = 0, same cost
-                sync(self.device)
-                pre.append(t1 - t0)
-                post.append(time.perf_counter() - t1)
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"pre_ms": 1e3 * statistics.median(pre), "post_ms": 1e3 * statistics.median(post),
-                "pre_min_ms": 1e3 * min(pre), "post_min_ms": 1e3 * min(post)}
+def callback_overhead(runner: MethodRunner, reps: int) -> dict[str, float]:
+    """Milliseconds (median and min) of the callbacks' pre- and post-step work alone
+    (callbacks with ``_pre_step`` / ``_post_step``; others are timed in the step only)."""
+    hooked = [c for c in runner.callbacks if hasattr(c, "_pre_step") and hasattr(c, "_post_step")]
+    if not hooked:
+        return {}
+    runner.module.model(**runner.batch).loss.backward()
+    pre, post = [], []
+    for _ in range(reps):
+        for callback in hooked:
+            sync(runner.device)
+            t0 = time.perf_counter()
+            callback._pre_step()
+            sync(runner.device)
+            t1 = time.perf_counter()
+            callback._post_step()  # no optimizer step in between: D = 0, same cost
+            sync(runner.device)
+            pre.append(t1 - t0)
+            post.append(time.perf_counter() - t1)
+    runner.optimizer.zero_grad(set_to_none=True)
+    return {"pre_ms": 1e3 * statistics.median(pre), "post_ms": 1e3 * statistics.median(post),
+            "pre_min_ms": 1e3 * min(pre), "post_min_ms": 1e3 * min(post)}
 
 
 def fixed_batch(args: argparse.Namespace, vocab_size: int) -> dict:
@@ -153,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = args.methods or geometry_fragments(adapters_only=True)
     config = load_pretrained(import_path("transformers.AutoConfig"), args.checkpoint)
     batch = fixed_batch(args, config.vocab_size)
-    runners = [Runner(name, args, batch) for name in dict.fromkeys(["lora", *methods])]
+    runners = [make_runner(name, args, batch) for name in dict.fromkeys(["lora", *methods])]
     times = interleaved_times(runners, args.warmup, args.reps, args.steps, args.device)
-    overhead = {r.name: r.callback_overhead(args.overhead_reps) for r in runners}
+    overhead = {r.name: callback_overhead(r, args.overhead_reps) for r in runners}
     load = {"before": load_before, "after": os.getloadavg()[0]}
 
     rows, results = [], {}

@@ -22,6 +22,29 @@ class Timed(Protocol):
     def step(self) -> None: ...
 
 
+class MethodRunner:
+    """One method in a step-time benchmark: its task module (built by the caller from the
+    method's fragment), the method's own optimizer over the module's groups, the fragment's
+    callbacks hooked in as in training, and one plain training step."""
+
+    def __init__(self, name: str, module: Any, optimizer_factory: Any, callbacks: list,
+                 batch: dict, device: Any) -> None:
+        self.name, self.module, self.callbacks, self.batch = name, module, callbacks, batch
+        self.device = device
+        module.configure_model()
+        module.to(device).train()
+        self.optimizer = module.method.build_optimizer(module.model, optimizer_factory,
+                                                       module.parameter_groups())
+        setup_callbacks(callbacks, module, self.optimizer, device)
+        self.trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    def step(self) -> None:
+        loss = self.module.model(**self.batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def setup_callbacks(callbacks: list, module: Any, optimizer: Any, device: Any) -> None:
     """Run the callbacks' ``setup`` / ``on_fit_start`` / ``on_train_start`` on a bare module,
     so their optimizer hooks are in place as in training."""
