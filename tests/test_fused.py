@@ -164,3 +164,63 @@ def test_bad_arguments() -> None:
         fused.retract_fused([x], [x, x], [1.0])
     with pytest.raises(ValueError, match="retraction"):
         fused.retract_fused([x], [x], [1.0], "cayley")
+
+
+def _eigh_inverse_sqrt(g: torch.Tensor) -> torch.Tensor:
+    lam, v = torch.linalg.eigh(g)
+    return (v * lam.rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("size", [1e-2, 1e-4, 1e-7, 0.0])
+def test_series_inverse_sqrt_near_identity_matches_eigh(gen: torch.Generator, size) -> None:
+    a = torch.randn(5, 8, 8, generator=gen, dtype=torch.float64)
+    g = torch.eye(8, dtype=torch.float64) + size * (a + a.transpose(-1, -2)) / 2
+    w = fused.inverse_sqrt_near_identity(g)
+    assert w.shape == g.shape
+    torch.testing.assert_close(w, _eigh_inverse_sqrt(g), rtol=0, atol=1e-13)
+    # the defining property, W G W = I, and W symmetric
+    torch.testing.assert_close(w @ g @ w, torch.eye(8, dtype=torch.float64).expand_as(g),
+                               rtol=0, atol=1e-13)
+    torch.testing.assert_close(w, w.transpose(-1, -2), rtol=0, atol=1e-15)
+
+
+def test_series_is_used_near_identity_and_eigh_elsewhere(gen: torch.Generator,
+                                                         monkeypatch) -> None:
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(1) or real(m))
+    a = torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
+    near = torch.eye(6, dtype=torch.float64) + 1e-5 * (a + a.transpose(-1, -2))
+    fused.inverse_sqrt_near_identity(near)
+    assert not calls
+    far = a @ a.transpose(-1, -2) + 0.1 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(fused.inverse_sqrt_near_identity(far), _eigh_inverse_sqrt(far))
+    assert calls
+    # rank-deficient: finite through the clamped eigendecomposition
+    low = a[:, :, :2] @ a[:, :, :2].transpose(-1, -2)
+    assert torch.isfinite(fused.inverse_sqrt_near_identity(low)).all()
+
+
+@pytest.mark.parametrize("step", [1e-3, 1e-5])
+def test_small_steps_equal_the_direct_polar_retraction(gen: torch.Generator, step) -> None:
+    """At training-size steps the series path runs; the result is the direct polar factor."""
+    xs, ns = _pairs(gen, step=step)
+    scales = [1.0, 0.5, 2.0, 1.0]
+    expected = [_direct(x, n, s) for x, n, s in zip(xs, ns, scales)]
+    out = fused.retract_fused(xs, ns, scales)
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        eye = torch.eye(got.shape[1], dtype=got.dtype)
+        torch.testing.assert_close(got.T @ got, eye, rtol=0, atol=1e-12)
+
+
+def test_float32_small_steps_match_the_float64_direct_path(gen: torch.Generator) -> None:
+    """float32 factors get a looser series tolerance; still the polar factor to fp32 rounding."""
+    xs, ns = _pairs(gen, step=2e-3)
+    expected = [_direct(x, n, 1.0) for x, n in zip(xs, ns)]
+    out = fused.retract_fused([x.float() for x in xs], [n.float() for n in ns], [1.0] * 4)
+    for got, want in zip(out, expected):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+        eye = torch.eye(got.shape[1])
+        torch.testing.assert_close(got.T @ got, eye, rtol=0, atol=2e-6)

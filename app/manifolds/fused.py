@@ -47,6 +47,7 @@ from torch import Tensor
 __all__ = [
     "combine_into",
     "gram_products",
+    "inverse_sqrt_near_identity",
     "polar_coefficients",
     "exp_coefficients",
     "retract_fused",
@@ -107,12 +108,56 @@ def _quad(c: Tensor, k: Tensor, h: Tensor, s: Tensor, m: Tensor) -> Tensor:
     return mt @ c @ m + cross + cross.transpose(-1, -2) + (s * s) * h
 
 
+def inverse_sqrt_near_identity(g: Tensor, tol: float = 1e-14, radius: float = 0.1) -> Tensor:
+    r""":math:`G^{-1/2}` of a batch of symmetric positive semi-definite ``(..., r, r)`` matrices.
+
+    After a small step from the manifold :math:`G = Y^T Y = I + E` with :math:`E` of order
+    :math:`\lVert\xi\rVert^2`. When every :math:`\lVert E\rVert_F` (which bounds the
+    spectral norm) is below ``radius``, the binomial series
+    :math:`\sum_k \binom{-1/2}{k} E^k`, cut at the first order ``K`` with
+    :math:`\lVert E\rVert^{K+1} / (1 - \lVert E\rVert) \le` ``tol``, is evaluated by
+    Horner's rule in ``K`` batched products: no eigendecomposition, which is most of the
+    ``r x r`` work at small steps (batched ``eigh`` of small matrices is slow on CPUs and
+    GPUs alike). Otherwise (a large step, or factors that left the manifold) a symmetric
+    eigendecomposition, eigenvalues clamped at ``eps * max eigenvalue`` so a rank-deficient
+    ``G`` stays finite (as :func:`app.manifolds.stiefel.retract_polar`).
+
+    Args:
+        g: Symmetric ``(..., r, r)``; the eigendecomposition path symmetrises it.
+        tol: Bound on the series' truncation error (spectral norm).
+        radius: Largest :math:`\lVert E\rVert_F` the series is used at.
+
+    Returns:
+        ``(..., r, r)`` in ``g``'s dtype.
+    """
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    e = g - eye
+    delta = float(torch.linalg.matrix_norm(e).amax()) if e.numel() else 0.0
+    if delta < radius:
+        order = 0
+        while delta > 0 and delta ** (order + 1) / (1 - delta) > tol:
+            order += 1
+        coeff = [1.0]
+        for j in range(1, order + 1):  # binom(-1/2, j)
+            coeff.append(coeff[-1] * (0.5 - j) / j)
+        w = torch.broadcast_to(coeff[order] * eye, e.shape)
+        for c in reversed(coeff[:order]):
+            w = torch.baddbmm((c * eye).expand_as(e).reshape(-1, *e.shape[-2:]),
+                              e.reshape(-1, *e.shape[-2:]),
+                              w.reshape(-1, *e.shape[-2:])).reshape(e.shape)
+        return w
+    lam, v = torch.linalg.eigh(0.5 * (g + g.transpose(-1, -2)))
+    finfo = torch.finfo(lam.dtype)
+    floor = (finfo.eps * lam.amax(dim=-1, keepdim=True)).clamp_min(finfo.tiny)
+    return (v * lam.clamp_min(floor).rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
 def polar_coefficients(grams: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     r"""``(P, Q)`` with :math:`\operatorname{polar}(X + \xi) = X P + N Q`, batched.
 
-    The inverse square root of :math:`Y^T Y` comes from a symmetric eigendecomposition in
-    float64; eigenvalues are clamped at ``eps * max eigenvalue`` (as in
-    :func:`app.manifolds.stiefel.retract_polar`) so a rank-deficient ``Y`` stays finite.
+    The inverse square root of :math:`Y^T Y` is computed in float64 by
+    :func:`inverse_sqrt_near_identity` (a short series at small steps, else a clamped
+    symmetric eigendecomposition, so a rank-deficient ``Y`` stays finite).
 
     Args:
         grams: ``(..., 3, r, r)`` from :func:`gram_products`.
@@ -121,15 +166,15 @@ def polar_coefficients(grams: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``P`` and ``Q``, ``(..., r, r)`` in float64.
     """
+    # the factors get the result in their own dtype: a series error 1000x below its
+    # rounding is exact for them (float32: 1.2e-10; float64 factors: 1e-15)
+    tol = max(torch.finfo(grams.dtype).eps * 1e-3, 1e-15)
     grams = grams.to(torch.float64)
     c, k, h, s = _split(grams, scale)
     eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
     m0 = eye + tangent_coefficients(grams, scale)
     gram_y = _quad(c, k, h, s, m0)
-    lam, v = torch.linalg.eigh(0.5 * (gram_y + gram_y.transpose(-1, -2)))
-    finfo = torch.finfo(lam.dtype)
-    floor = (finfo.eps * lam.amax(dim=-1, keepdim=True)).clamp_min(finfo.tiny)
-    w = (v * lam.clamp_min(floor).rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+    w = inverse_sqrt_near_identity(gram_y, tol=tol)
     return m0 @ w, s * w
 
 
