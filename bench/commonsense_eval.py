@@ -145,6 +145,8 @@ def main() -> None:
     for task, row in rows.items():  # from the kept predictions, so old rows get them too
         preds = [json.loads(line) for line in
                  (work / f"{task}.predictions.jsonl").read_text().splitlines() if line]
+        answers = [p["answer"] for p in preds]  # always answering the most common gold
+        row["majority"] = max(answers.count(a) for a in set(answers)) / len(answers)
         if args.mode == "choice":  # the accuracy of guessing: 1 / options, per question
             row["chance"] = sum(1 / len(p["logprobs"]) for p in preds) / len(preds)
         else:  # outputs with no answer word of the task's vocabulary (scored wrong)
@@ -155,22 +157,27 @@ def main() -> None:
              f"Model `{args.checkpoint}`" + (f" + adapter `{args.adapter}`" if args.adapter
                                               else " (zero-shot)")
              + f", LLM-Adapters prompt, fp32 CPU. Model load {load_s:.0f} s.", "",
-             "| task | accuracy | " + ("chance" if args.mode == "choice" else "no answer word")
-             + " | questions | wall (s) |", "|---|---|---|---|---|"]
+             "| task | accuracy | majority answer | "
+             + ("chance" if args.mode == "choice" else "no answer word")
+             + " | questions | wall (s) |", "|---|---|---|---|---|---|"]
 
     def extra(r: dict) -> str:
         return f"{100 * r['chance']:.2f}" if "chance" in r else f"{r['no_answer']} of {r['n']}"
 
     for task, r in rows.items():
-        lines.append(f"| {task} | {100 * r['accuracy']:.2f} | {extra(r)} | {r['n']} of "
+        lines.append(f"| {task} | {100 * r['accuracy']:.2f} | {100 * r['majority']:.2f} | "
+                     f"{extra(r)} | {r['n']} of "
                      f"{r['of']} | {r['wall_s']} |")
     summary = (f"{100 * sum(r['chance'] for r in rows.values()) / len(rows):.2f}"
                if args.mode == "choice" else
                f"{sum(r['no_answer'] for r in rows.values())} of "
                f"{sum(r['n'] for r in rows.values())}")
-    lines.append(f"| **average** | **{100 * average:.2f}** | {summary} | "
+    majority = 100 * sum(r["majority"] for r in rows.values()) / len(rows)
+    lines.append(f"| **average** | **{100 * average:.2f}** | {majority:.2f} | {summary} | "
                  f"{sum(r['n'] for r in rows.values())} | {total_wall:.0f} |")
-    lines += ["", "Chance: the accuracy of picking one of each question's options at random. "
+    lines += ["", "Majority answer: the accuracy of always giving the most common gold answer "
+              "of the scored questions (BoolQ: `true`). "
+              "Chance: the accuracy of picking one of each question's options at random. "
               "No answer word: greedy outputs in which LLM-Adapters' extraction (the first "
               "case-sensitive word of the task's answer vocabulary, e.g. `true`/`false`, "
               "`solution1`/`solution2`, `answer1`..`answer5`) finds nothing; they count as "

@@ -59,6 +59,18 @@ def graded(run: Path) -> dict[str, dict[int, bool]]:
     return out
 
 
+def majority(run: Path) -> dict[str, float]:
+    """Per task, the accuracy of always giving the most common gold answer of the scored
+    questions, and its average (the floor every row must clear)."""
+    answers: dict[str, list[str]] = {task: [] for task in SEVEN}
+    for line in (run / "predictions_test.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        answers[p["task"]].append(p["answer"])
+    out = {t: max(a.count(x) for x in set(a)) / len(a) for t, a in answers.items()}
+    out["average"] = sum(out[t] for t in SEVEN) / len(SEVEN)
+    return out
+
+
 def summary(marks: dict[str, dict[int, bool]]) -> dict:
     """Per-task accuracy, their average, and the per-question marks (kept in the JSON so the
     paired statistics can be rebuilt): ``"correct"`` is one 0/1 string per task, in the
@@ -137,6 +149,9 @@ def main() -> None:
         zero.write_text(json.dumps({**summary(graded(latest(work / "zero_shot"))),
                                     "test_wall_s": round(wall), "threads": args.threads}))
     results["zero-shot"] = json.loads(zero.read_text())
+    if "majority" not in results["zero-shot"]:  # always the most common gold answer
+        results["zero-shot"]["majority"] = majority(latest(work / "zero_shot"))
+        zero.write_text(json.dumps(results["zero-shot"]))
     for method in args.methods:
         for seed in args.seeds:
             name = f"{method}_s{seed}"
@@ -182,6 +197,9 @@ def main() -> None:
              "unchanged (rank 8 on q, k, v, up, down projections), fp32, "
              f"{args.threads} torch thread(s) per run on a 2-core CPU.",
              "", head, "|" + "---|" * (len(SEVEN) + 5)]
+    floor = results["zero-shot"]["majority"]
+    lines.append("| majority answer | " + " | ".join(f"{100 * floor[t]:.1f}" for t in SEVEN)
+                 + f" | {100 * floor['average']:.2f} | - | - | - |")
     for name, r in results.items():
         s = r["scores"]
         if name == "zero-shot":

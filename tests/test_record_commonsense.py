@@ -62,6 +62,16 @@ def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) 
     row = next(line for line in (tmp_path / "out.md").read_text().splitlines()
                if line.startswith("| lora_s0 |"))
     assert f"{100 * mean:+.2f} ({100 * (mean - half):+.2f}, {100 * (mean + half):+.2f})" in row
+    # the majority-answer row: the most common gold answer's share per task, by hand
+    preds = [json.loads(x) for x in next((tmp_path / "work/zero_shot").rglob(
+        "predictions_test.jsonl")).read_text().splitlines()]
+    for task in SEVEN:
+        gold = [p["answer"] for p in preds if p["task"] == task]
+        assert len(gold) == 5
+        assert math.isclose(zero["majority"][task], max(map(gold.count, gold)) / 5)
+    floor = next(line for line in (tmp_path / "out.md").read_text().splitlines()
+                 if line.startswith("| majority answer |"))
+    assert f"| {100 * zero['majority']['average']:.2f} |" in floor
     # a rerun reuses both rows (no new run folder), a rerun with other settings stops
     versions = sorted((tmp_path / "work/lora_s0/lightning_logs").iterdir())
     again = record(tiny_causal("llama"), data, tmp_path, "--steps", "3")
