@@ -69,6 +69,11 @@ def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) 
         gold = [p["answer"] for p in preds if p["task"] == task]
         assert len(gold) == 5
         assert math.isclose(zero["majority"][task], max(map(gold.count, gold)) / 5)
+    picked = {t: [p["prediction"] for p in preds if p["task"] == t] for t in SEVEN}
+    for task in SEVEN:  # the zero-shot row's share of its most common prediction
+        assert math.isclose(zero["top_share"][task],
+                            max(map(picked[task].count, picked[task])) / 5)
+    assert all(0 < lora["top_share"][t] <= 1 for t in SEVEN)
     floor = next(line for line in (tmp_path / "out.md").read_text().splitlines()
                  if line.startswith("| majority answer |"))
     assert f"| {100 * zero['majority']['average']:.2f} |" in floor
