@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,16 +39,64 @@ SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challeng
 THREADS = "2"  # torch threads of every run (--threads)
 
 
+INTERRUPTED = (128 + 2, 128 + 15)  # Ctrl-C, SIGTERM: the run left a resumable last.ckpt
+
+
 def cli(*args: str, log: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS}
+    """Run ``python -m app ARGS`` (output appended to ``log``); its wall seconds.
+
+    A Ctrl-C reaches the run too (same process group), which stops at the next step with a
+    resumable ``last.ckpt``: this waits for it instead of killing it, then stops with the
+    command that resumes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+               [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS}
     start = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
-                              stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"command failed ({done.returncode}), see {log}")
+    with open(log, "a") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                print("stopping the run at its next step (it writes last.ckpt) ...", flush=True)
+    if code in INTERRUPTED:
+        raise SystemExit(f"interrupted ({code}); run the same command again to resume "
+                         f"(see {log})")
+    if code:
+        raise SystemExit(f"command failed ({code}), see {log}")
     return time.time() - start
+
+
+def fit_run(fit_args: list[str], folder: Path, log: Path) -> float:
+    """``fit`` into ``folder`` (TensorBoard logs, ``config.yaml``, ``checkpoints/``,
+    ``adapter/`` straight in it), resumed from its ``last.ckpt`` when an earlier sitting was
+    interrupted; the fit's wall seconds summed over sittings."""
+    done, walls = folder / "fit_done.json", folder.parent / "fit_walls.json"
+    if done.is_file():
+        return json.loads(done.read_text())["fit_wall_s"]
+    last = folder / "checkpoints" / "last.ckpt"
+    if not last.is_file():  # nothing to resume: start clean
+        shutil.rmtree(folder, ignore_errors=True)
+        walls.unlink(missing_ok=True)
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(folder), "name": "", "version": ""}}
+    args = ["fit", *fit_args, "--trainer.default_root_dir", str(folder),
+            "--trainer.logger", json.dumps(logger)]
+    if last.is_file():
+        print(f"{folder.parent.name}: resuming from {last}", flush=True)
+        args += ["--ckpt_path", str(last)]
+    earlier = json.loads(walls.read_text()) if walls.is_file() else []
+    start = time.time()
+    try:
+        cli(*args, log=log)
+    finally:  # interrupted sittings count too
+        walls.write_text(json.dumps(earlier + [round(time.time() - start, 1)]))
+    total = sum(json.loads(walls.read_text()))
+    done.write_text(json.dumps({"fit_wall_s": total}))
+    return total
 
 
 def graded(run: Path) -> dict[str, dict[int, bool]]:
@@ -134,6 +183,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="default: configs/data/commonsense.yaml's")
     parser.add_argument("--work", default=str(ROOT / "runs" / "commonsense_finetune"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/commonsense_smollm2_finetune"))
+    parser.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for every fit (repeat it), e.g. "
+                             "--fit-arg=--trainer.accumulate_grad_batches=2")
     args = parser.parse_args()
     global THREADS
     THREADS = str(args.threads)
@@ -151,6 +203,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     settings = {"steps": args.steps, "batch": args.batch, "test_per_task": args.test_per_task,
                 "checkpoint": args.checkpoint}
+    if args.fit_arg:  # (rows recorded without any have no such key)
+        settings["fit_args"] = args.fit_arg
     zero = work / "zero_shot" / "result.json"
     if not zero.is_file():
         wall = cli("test", *common, "--config", "configs/methods/full.yaml",
@@ -169,19 +223,19 @@ def main() -> None:
             out = work / name / "result.json"
             if not out.is_file():
                 root = work / name
-                fit_wall = cli("fit", *common, "--config", f"configs/methods/{method}.yaml",
-                               "--seed_everything", str(seed),
-                               "--trainer.max_steps", str(args.steps),
-                               "--trainer.max_epochs", "-1",
-                               "--trainer.val_check_interval", str(args.steps),
-                               "--data.init_args.val_size", "32",
-                               "--trainer.log_every_n_steps", "1",
-                               "--trainer.default_root_dir", str(root),
-                               log=work / f"{name}.fit.log")
-                run = latest(root)
+                fit_wall = fit_run([*common, "--config", f"configs/methods/{method}.yaml",
+                                    "--seed_everything", str(seed),
+                                    "--trainer.max_steps", str(args.steps),
+                                    "--trainer.max_epochs", "-1",
+                                    "--trainer.val_check_interval", str(args.steps),
+                                    "--data.init_args.val_size", "32",
+                                    "--trainer.log_every_n_steps", "1", *args.fit_arg],
+                                   root / "fit", log=work / f"{name}.fit.log")
+                run = root / "fit"
                 test_wall = cli("test", "--config", str(run / "config.yaml"),
                                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
                                 "--trainer.default_root_dir", str(root / "test"),
+                                "--trainer.logger", "true",
                                 log=work / f"{name}.test.log")
                 log_text = (work / f"{name}.fit.log").read_text()
                 trainable = next((line.split("trainable ")[1].split(" of")[0] for line in

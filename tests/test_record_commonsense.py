@@ -1,7 +1,8 @@
 """``bench/record_commonsense.py`` end to end on a tiny Llama: the zero-shot row and a LoRA
 row come from real ``lightning-cli`` ``fit`` / ``test`` runs, the per-question marks it keeps
 rebuild its accuracies and its paired change (checked against a hand computation), a rerun
-reuses the runs, and a rerun with other settings stops instead of mixing them."""
+reuses the runs, a rerun with other settings stops instead of mixing them, and a fit stopped
+by Ctrl-C resumes from its last.ckpt when the same command is run again."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def record(ckpt: Path, data: Path, tmp: Path, *extra: str) -> subprocess.Complet
          "--out", str(tmp / "out"), "--batch", "4", "--test-per-task", "5", "--threads", "1",
          *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
 
 
 def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) -> None:
@@ -77,11 +78,31 @@ def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) 
     floor = next(line for line in (tmp_path / "out.md").read_text().splitlines()
                  if line.startswith("| majority answer |"))
     assert f"| {100 * zero['majority']['average']:.2f} |" in floor
-    # a rerun reuses both rows (no new run folder), a rerun with other settings stops
-    versions = sorted((tmp_path / "work/lora_s0/lightning_logs").iterdir())
+    # a rerun reuses both rows (no new file), a rerun with other settings stops
+    versions = sorted((tmp_path / "work/lora_s0").rglob("*"))
     again = record(tiny_causal("llama"), data, tmp_path, "--steps", "3")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert sorted((tmp_path / "work/lora_s0/lightning_logs").iterdir()) == versions
+    assert sorted((tmp_path / "work/lora_s0").rglob("*")) == versions
     other = record(tiny_causal("llama"), data, tmp_path, "--steps", "4")
     assert other.returncode != 0
     assert "was recorded with" in other.stderr and "delete" in other.stderr
+    # a fit interrupted by Ctrl-C (SIGINT after step 2 of 3) stops with the command that
+    # resumes; running it again resumes from last.ckpt and finishes the row
+    stop = ["--seeds", "1", "--steps", "3",
+            "--fit-arg=--trainer.callbacks+=test_run_guard.SignalAtStep",
+            "--fit-arg=--trainer.callbacks.step=2", "--fit-arg=--trainer.callbacks.signum=2"]
+    cut = record(tiny_causal("llama"), data, tmp_path, *stop)
+    assert cut.returncode != 0
+    assert "interrupted (130); run the same command again to resume" in cut.stderr
+    fit = tmp_path / "work/lora_s1/fit"
+    assert (fit / "checkpoints/last.ckpt").is_file() and not (fit / "adapter").exists()
+    assert not (tmp_path / "work/lora_s1/result.json").exists()
+    resumed = record(tiny_causal("llama"), data, tmp_path, *stop)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "lora_s1: resuming from" in resumed.stdout
+    assert (fit / "adapter").is_dir()
+    assert len(json.loads((tmp_path / "work/lora_s1/fit_walls.json").read_text())) == 2
+    row = json.loads((tmp_path / "work/lora_s1/result.json").read_text())
+    assert row["settings"]["fit_args"] == [a.split("=", 1)[1] for a in stop[4:]]
+    assert set(json.loads((tmp_path / "out.json").read_text())["results"]) == {
+        "zero-shot", "lora_s1"}
