@@ -48,3 +48,8 @@ def write_results(stem: Path, payload: dict[str, Any], markdown: str) -> None:
         tmp = stem.with_suffix(suffix + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, stem.with_suffix(suffix))
+
+
+def most_common_share(values: list) -> float:
+    """Share of ``values`` equal to their most common value (1.0: all the same)."""
+    return max(values.count(v) for v in set(values)) / len(values)

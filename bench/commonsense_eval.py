@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import write_results  # noqa: E402
+from common import most_common_share, write_results  # noqa: E402
 
 from app.data.commonsense import encode_question, extract_answer, task_file  # noqa: E402
 from app.data.instruction_formats import read_records  # noqa: E402
@@ -145,8 +145,8 @@ def main() -> None:
     for task, row in rows.items():  # from the kept predictions, so old rows get them too
         preds = [json.loads(line) for line in
                  (work / f"{task}.predictions.jsonl").read_text().splitlines() if line]
-        answers = [p["answer"] for p in preds]  # always answering the most common gold
-        row["majority"] = max(answers.count(a) for a in set(answers)) / len(answers)
+        # always answering the most common gold answer
+        row["majority"] = most_common_share([p["answer"] for p in preds])
         if args.mode == "choice":  # the accuracy of guessing: 1 / options, per question
             row["chance"] = sum(1 / len(p["logprobs"]) for p in preds) / len(preds)
         else:  # outputs with no answer word of the task's vocabulary (scored wrong)

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import most_common_share, write_results  # noqa: E402
 
 SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
          "openbookqa"]
@@ -108,14 +108,19 @@ def graded(run: Path) -> dict[str, dict[int, bool]]:
     return out
 
 
+def by_task(run: Path, field: str) -> dict[str, list]:
+    """``{task: [each prediction's field]}`` of a ``test`` run's predictions file."""
+    out: dict[str, list] = {task: [] for task in SEVEN}
+    for line in (run / "predictions_test.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        out[p["task"]].append(p[field])
+    return out
+
+
 def majority(run: Path) -> dict[str, float]:
     """Per task, the accuracy of always giving the most common gold answer of the scored
     questions, and its average (the floor every row must clear)."""
-    answers: dict[str, list[str]] = {task: [] for task in SEVEN}
-    for line in (run / "predictions_test.jsonl").read_text().splitlines():
-        p = json.loads(line)
-        answers[p["task"]].append(p["answer"])
-    out = {t: max(a.count(x) for x in set(a)) / len(a) for t, a in answers.items()}
+    out = {t: most_common_share(a) for t, a in by_task(run, "answer").items()}
     out["average"] = sum(out[t] for t in SEVEN) / len(SEVEN)
     return out
 
@@ -123,11 +128,7 @@ def majority(run: Path) -> dict[str, float]:
 def top_shares(run: Path) -> dict[str, float]:
     """Per task, the share of the questions given the run's most common prediction (1.0: the
     same answer to every question, whatever the accuracy says)."""
-    picked: dict[str, list[str]] = {task: [] for task in SEVEN}
-    for line in (run / "predictions_test.jsonl").read_text().splitlines():
-        p = json.loads(line)
-        picked[p["task"]].append(p["prediction"])
-    return {t: max(a.count(x) for x in set(a)) / len(a) for t, a in picked.items()}
+    return {t: most_common_share(a) for t, a in by_task(run, "prediction").items()}
 
 
 def summary(marks: dict[str, dict[int, bool]]) -> dict:

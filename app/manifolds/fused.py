@@ -141,10 +141,8 @@ def inverse_sqrt_near_identity(g: Tensor, tol: float = 1e-14, radius: float = 0.
         for j in range(1, order + 1):  # binom(-1/2, j)
             coeff.append(coeff[-1] * (0.5 - j) / j)
         w = torch.broadcast_to(coeff[order] * eye, e.shape)
-        for c in reversed(coeff[:order]):
-            w = torch.baddbmm((c * eye).expand_as(e).reshape(-1, *e.shape[-2:]),
-                              e.reshape(-1, *e.shape[-2:]),
-                              w.reshape(-1, *e.shape[-2:])).reshape(e.shape)
+        for c in reversed(coeff[:order]):  # Horner: w <- c I + E w
+            w = e @ w + c * eye
         return w
     lam, v = torch.linalg.eigh(0.5 * (g + g.transpose(-1, -2)))
     finfo = torch.finfo(lam.dtype)
