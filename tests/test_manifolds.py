@@ -130,6 +130,24 @@ def test_polar_eigh_finite_on_rank_deficient_input() -> None:
     assert torch.isfinite(y).all()
 
 
+def test_inverse_sqrt_psd_full_rank_and_rank_deficient(gen: torch.Generator) -> None:
+    a = _randn(gen, 4, P, P)
+    g = a @ a.transpose(-1, -2) + 0.05 * torch.eye(P, dtype=torch.float64)
+    w = stiefel.inverse_sqrt_psd(g)
+    eye = torch.eye(P, dtype=torch.float64).expand_as(g)
+    torch.testing.assert_close(w @ g @ w, eye, rtol=0, atol=1e-9)  # W G W = I
+    torch.testing.assert_close(w, w.transpose(-1, -2), rtol=0, atol=1e-12)
+    # an asymmetric rounding error in G is symmetrised away
+    noisy = g + 1e-12 * _randn(gen, 4, P, P)
+    torch.testing.assert_close(stiefel.inverse_sqrt_psd(noisy), w, rtol=0, atol=1e-8)
+    # rank 2: finite, every eigenvalue's inverse root capped at 1 / sqrt(eps * max eigenvalue)
+    low = a[..., :2] @ a[..., :2].transpose(-1, -2)
+    w = stiefel.inverse_sqrt_psd(low)
+    assert torch.isfinite(w).all()
+    cap = (torch.finfo(torch.float64).eps * torch.linalg.eigvalsh(low)[..., -1]).rsqrt()
+    assert (torch.linalg.eigvalsh(w).abs().amax(-1) <= cap * (1 + 1e-6)).all()
+
+
 def test_polar_and_exp_agree_to_second_order(gen: torch.Generator) -> None:
     x = _point(gen)
     z = _tangent(gen, x)

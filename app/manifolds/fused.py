@@ -44,6 +44,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from app.manifolds.stiefel import inverse_sqrt_psd
+
 __all__ = [
     "combine_into",
     "gram_products",
@@ -118,9 +120,9 @@ def inverse_sqrt_near_identity(g: Tensor, tol: float = 1e-14, radius: float = 0.
     :math:`\lVert E\rVert^{K+1} / (1 - \lVert E\rVert) \le` ``tol``, is evaluated by
     Horner's rule in ``K`` batched products: no eigendecomposition, which is most of the
     ``r x r`` work at small steps (batched ``eigh`` of small matrices is slow on CPUs and
-    GPUs alike). Otherwise (a large step, or factors that left the manifold) a symmetric
-    eigendecomposition, eigenvalues clamped at ``eps * max eigenvalue`` so a rank-deficient
-    ``G`` stays finite (as :func:`app.manifolds.stiefel.retract_polar`).
+    GPUs alike). Otherwise (a large step, or factors that left the manifold)
+    :func:`app.manifolds.stiefel.inverse_sqrt_psd`: a clamped symmetric eigendecomposition, so
+    a rank-deficient ``G`` stays finite.
 
     Args:
         g: Symmetric ``(..., r, r)``; the eigendecomposition path symmetrises it.
@@ -144,10 +146,7 @@ def inverse_sqrt_near_identity(g: Tensor, tol: float = 1e-14, radius: float = 0.
         for c in reversed(coeff[:order]):  # Horner: w <- c I + E w
             w = e @ w + c * eye
         return w
-    lam, v = torch.linalg.eigh(0.5 * (g + g.transpose(-1, -2)))
-    finfo = torch.finfo(lam.dtype)
-    floor = (finfo.eps * lam.amax(dim=-1, keepdim=True)).clamp_min(finfo.tiny)
-    return (v * lam.clamp_min(floor).rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+    return inverse_sqrt_psd(g)
 
 
 def polar_coefficients(grams: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,7 @@ from app.draws import random_orthonormal  # the one sign-fixed QR draw (re-expor
 __all__ = [
     "compute_dtype",
     "drift",
+    "inverse_sqrt_psd",
     "landing_step",
     "project_tangent",
     "random_orthonormal",
@@ -167,11 +168,21 @@ def retract_polar(x: Tensor, z: Tensor, method: Literal["eigh", "svd"] = "eigh")
         return u @ vh
     if method != "eigh":
         raise ValueError(f"method must be 'eigh' or 'svd', got {method!r}")
-    lam, v = torch.linalg.eigh(y.transpose(-1, -2) @ y)
+    return y @ inverse_sqrt_psd(y.transpose(-1, -2) @ y)
+
+
+def inverse_sqrt_psd(g: Tensor) -> Tensor:
+    r""":math:`G^{-1/2}` of symmetric positive semi-definite ``(..., p, p)`` matrices.
+
+    From a symmetric eigendecomposition of :math:`(G + G^T) / 2`, eigenvalues clamped at
+    ``eps * max eigenvalue`` (at least the dtype's ``tiny``), so a rank-deficient ``G``
+    gives a finite result: the polar factor's ``(Y^T Y)^{-1/2}`` here and in
+    :mod:`app.manifolds.fused` far from the manifold.
+    """
+    lam, v = torch.linalg.eigh(0.5 * (g + g.transpose(-1, -2)))
     finfo = torch.finfo(lam.dtype)
     floor = (finfo.eps * lam.amax(dim=-1, keepdim=True)).clamp_min(finfo.tiny)
-    inv_sqrt = lam.clamp_min(floor).rsqrt()
-    return ((y @ v) * inv_sqrt.unsqueeze(-2)) @ v.transpose(-1, -2)
+    return (v * lam.clamp_min(floor).rsqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
 
 
 @torch.no_grad()
