@@ -17,7 +17,11 @@
 # SEEDS="0 1 2", RANKS="8", METHODS="lora stella ..." (default: every configs/methods/*.yaml),
 # LRS="1e-4 1e-3" (one grid for every method instead of each fragment's '# lr_grid' line),
 # HOLDOUT=0.1 (fraction of the training set held out for the selection), DEVICES=N (GPU),
-# EXTRA="more --trainer/--data arguments", REPORT_ONLY=1.
+# EXTRA="more --trainer/--data arguments", REPORT_ONLY=1, OUT=folder (instead of the mode's).
+#
+# Stopping: Ctrl-C, or SIGTERM to this script alone (kill PID, timeout) or to its process
+# group, reaches the comparison as SIGTERM; its run stops at the end of its batch with a
+# resumable last.ckpt, the script waits for it, exits 143 and starts no further task.
 #
 # Protocol (identical for every method; what the runs differ in is the method fragment, its
 # selected rate and the seed):
@@ -79,20 +83,20 @@ warm=(--warmup-steps 5)
 budget=()
 case "$MODE" in
   cpu)
-    OUT=bench/results/compare_glue_v2
+    OUT=${OUT:-bench/results/compare_glue_v2}
     device=(--accelerator cpu --devices 1)
     extra=()
     note="CPU protocol v2: learning rate selected per method on a held-out ${HOLDOUT} of the training set (seed 0), then 3 epochs of batch 16 per seed at that rate, max_length 128, validation on the full dev set after every epoch."
     ;;
   gpu)
-    OUT=bench/results/compare_glue_v2_gpu
+    OUT=${OUT:-bench/results/compare_glue_v2_gpu}
     device=(--accelerator gpu --devices "${DEVICES:-1}")
     if [ "${DEVICES:-1}" != 1 ]; then device+=(--strategy ddp); fi
     extra=(--trainer.precision bf16-mixed)
     note="GPU protocol v2 (bf16-mixed): learning rate selected per method on a held-out ${HOLDOUT} of the training set, then 3 epochs of batch 16 per seed."
     ;;
   smoke)
-    OUT=runs/compare_glue_v2_smoke
+    OUT=${OUT:-runs/compare_glue_v2_smoke}
     METHODS=${SMOKE_METHODS:-"lora stella"}; SEEDS=0
     device=(--accelerator cpu --devices 1)
     budget=(--trainer.max_steps 5 --trainer.max_epochs -1 --trainer.val_check_interval 5
@@ -105,6 +109,22 @@ case "$MODE" in
     ;;
 esac
 
+# The comparison runs in the background and is waited for, so that a signal to this script
+# alone is passed on (a foreground child would keep running after this shell is killed).
+# Ctrl-C goes on as SIGTERM: a background child of a script ignores SIGINT.
+run_comparison() {
+  "$@" &
+  local child=$! code
+  trap 'kill -TERM "$child" 2>/dev/null || true' INT TERM
+  while :; do
+    code=0
+    wait "$child" || code=$?
+    kill -0 "$child" 2>/dev/null || break  # wait returned early for a trapped signal
+  done
+  trap - INT TERM
+  return "$code"
+}
+
 status=0
 for task in $TASKS; do
   task_extra=()
@@ -114,13 +134,18 @@ for task in $TASKS; do
     task_note="$note SST-2: a fixed sample of 6,400 training sentences (seed 0)."
   fi
   # shellcheck disable=SC2086  # word splitting of the method / seed / rank lists is intended
-  "$PYTHON" -m app.compare \
+  code=0
+  run_comparison "$PYTHON" -m app.compare \
     --base "configs/data/glue_${task}.yaml" configs/model/minilm.yaml \
            configs/protocol/glue_v2.yaml "configs/protocol/glue_v2_${task}.yaml" \
     --methods $METHODS --seeds $SEEDS --ranks $RANKS --baseline lora \
     --select-lr "${lrs[@]}" --select-holdout "$HOLDOUT" "${report[@]}" \
     --out "$OUT/$task" "${device[@]}" "${warm[@]}" \
     --note "all-MiniLM-L6-v2 on GLUE ${task^^}. $task_note" \
-    --extra "${budget[@]}" "${task_extra[@]}" "${extra[@]}" "${extra_user[@]}" || status=$?
+    --extra "${budget[@]}" "${task_extra[@]}" "${extra[@]}" "${extra_user[@]}" || code=$?
+  if [ "$code" -ge 128 ]; then  # stopped by a signal: resume with the same command
+    exit "$code"
+  fi
+  if [ "$code" -ne 0 ]; then status=$code; fi
 done
 exit "$status"

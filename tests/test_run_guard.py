@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -27,15 +28,31 @@ class PoisonAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Sends a signal to this process right after step ``step``."""
+    """Sends a signal right after step ``step``: to this process, or with ``ancestor`` N to
+    its N-th parent (1: the process that launched the run, 2: the one that launched that),
+    then waits ``wait_s`` so that the stop lands mid-run; with ``once`` (a path) only in the
+    first run that gets there, so a rerun with the same options runs through."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), ancestor: int = 0,
+                 wait_s: float = 0.0, once: str | None = None) -> None:
         self.step = step
         self.signum = signum
+        self.ancestor = ancestor
+        self.wait_s = wait_s
+        self.once = once
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
+        if trainer.global_step != self.step:
+            return
+        if self.once is not None:
+            if os.path.exists(self.once):
+                return
+            Path(self.once).touch()
+        pid = os.getpid()
+        for _ in range(self.ancestor):
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        os.kill(pid, self.signum)
+        time.sleep(self.wait_s)
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_ckpt, glue_dir: Path,

@@ -18,6 +18,7 @@ import argparse
 import datetime as _dt
 import platform
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,14 @@ from typing import Any
 
 from app.compare.plan import build_plan, load_fragments
 from app.compare.report import write_report
-from app.compare.runner import PlanMismatchError, finished_result, run_args, run_plan
+from app.compare.runner import (
+    PlanMismatchError,
+    Terminated,
+    finished_result,
+    run_args,
+    run_plan,
+    terminate_on_sigterm,
+)
 from app.compare.select import (
     LR_OPTION,
     apply_rates,
@@ -168,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen: list = []
     failed: list = []
     missing: list = []
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    if not args.in_process:  # (in-process runs take SIGTERM themselves: tests, debugging)
+        terminate_on_sigterm()
     try:
         if selecting:
             if args.report_only:
@@ -192,9 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PlanMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("\nterminated (SIGTERM): run the same command again to resume", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+        return 128 + int(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     reference = holdout_reference = None
     try:  # the no-learning floor; never a reason to lose the report
         base_config = load_fragments(args.base)

@@ -6,6 +6,12 @@ Each run lives in ``OUT/runs/<name>/``: ``spec.json`` (what the run is, and ever
 ``result.json`` is finished and never redone; an unfinished one resumes from its
 ``checkpoints/last.ckpt`` (resuming gives the same numbers as never stopping) or starts again
 from scratch if it has none. A failing run is reported and the others go on.
+
+Stopping: Ctrl-C reaches the comparison and its run alike (one process group); SIGTERM may
+reach the comparison alone (``kill PID``, ``timeout``, a scheduler signalling the main
+process), so :func:`terminate_on_sigterm` turns it into :class:`Terminated` and the runner
+passes it on to the run. Either way the run stops at the end of its batch with a resumable
+``last.ckpt`` and the comparison waits for it, so no run outlives the comparison.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +32,8 @@ from typing import Any
 from app.compare.collect import collect_run
 from app.compare.plan import RunSpec
 
-__all__ = ["Outcome", "finished_result", "run_args", "run_plan"]
+__all__ = ["Outcome", "Terminated", "finished_result", "run_args", "run_plan",
+           "terminate_on_sigterm"]
 
 _LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 _GRACE_S = 120  # seconds an interrupted run gets to stop cleanly
@@ -44,6 +52,20 @@ class Outcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Terminated(KeyboardInterrupt):
+    """The comparison got SIGTERM (a :class:`KeyboardInterrupt`, so every ``except
+    KeyboardInterrupt`` that records an interrupted attempt records this one too)."""
+
+
+def terminate_on_sigterm() -> None:
+    """Raise :class:`Terminated` in the main thread when SIGTERM arrives."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class PlanMismatchError(RuntimeError):
@@ -131,9 +153,12 @@ def _launch_subprocess(args: list[str], run_dir: Path) -> tuple[int, str]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             code = proc.wait()
-        except KeyboardInterrupt:
-            # The run got the Ctrl-C too: give it time to stop at a batch boundary and write
-            # its last.ckpt; a second Ctrl-C (or a stuck run) kills it.
+        except KeyboardInterrupt as stop:
+            # A Ctrl-C reached the run too (same process group); a SIGTERM may not have, so
+            # pass it on (a second one is harmless). Then give the run time to stop at a batch
+            # boundary and write its last.ckpt; a second Ctrl-C (or a stuck run) kills it.
+            if isinstance(stop, Terminated) and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=_GRACE_S)
             except (KeyboardInterrupt, subprocess.TimeoutExpired):

@@ -1,0 +1,109 @@
+"""Stopping a comparison the ways users do: SIGTERM to ``python -m app.compare`` alone (``kill
+PID``, ``timeout``, a scheduler signalling the main process) and to ``bench/compare_glue.sh``
+alone. Each time the run in progress must stop at a batch end with a resumable
+``last.ckpt`` (the comparison waits for it, so no run outlives it), no further run or task
+may start, and running the same command again must resume and give the uninterrupted run.
+
+The signal comes from inside the run (``test_run_guard.SignalAtStep`` with ``ancestor``: the
+run's parent or grandparent, after step 2), so it lands mid-run without timing guesses, and
+only the comparison (or the script) gets it: the run hears of it only if it is passed on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_compare import base_yaml, compare
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINATED = 128 + int(signal.SIGTERM)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+
+
+def signal_ancestor(ancestor: int, once: Path | None = None) -> list[str]:
+    """Options adding a callback that signals the run's ``ancestor``-th parent after step 2."""
+    opts = ["--trainer.callbacks+=test_run_guard.SignalAtStep", "--trainer.callbacks.step=2",
+            f"--trainer.callbacks.ancestor={ancestor}", "--trainer.callbacks.wait_s=1.0"]
+    return opts + ([f"--trainer.callbacks.once={once}"] if once else [])
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (this test's output folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_sigterm_to_the_comparison_alone_stops_its_run_resumably(tmp_path: Path, tiny_ckpt,
+                                                                 glue_dir: Path) -> None:
+    base = base_yaml(tmp_path, tiny_ckpt("bert"), glue_dir)
+    once = tmp_path / "signalled"
+    common = ["--base", str(base), "--methods", "lora", "--ranks", "2", "--warmup-steps", "1",
+              "--no-plots"]
+    extra = ["--extra", "--trainer.max_steps", "8", *signal_ancestor(1, once)]
+    cmd = [sys.executable, "-m", "app.compare", *common, "--seeds", "0", "1", "--out", "out",
+           *extra]
+    cut = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert cut.returncode == TERMINATED, cut.stdout[-2000:] + cut.stderr[-2000:]
+    assert "terminated (SIGTERM): run the same command again to resume" in cut.stderr
+    runs = tmp_path / "out" / "runs"
+    run = runs / "lora-r2-s0"
+    # the run heard of it (passed on), stopped at a batch end and left a resumable checkpoint
+    assert "SIGTERM: stopping at the end of this batch" in (run / "run.log").read_text()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert not (run / "result.json").exists() and not (run / "adapter").exists()
+    assert json.loads((run / "spec.json").read_text())["attempts"][-1]["returncode"] is None
+    assert not (runs / "lora-r2-s1").exists()  # the plan stopped there
+    assert not processes_mentioning(str(tmp_path / "out"))  # no run outlived the comparison
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "[1/2] lora-r2-s0: running (resuming from last.ckpt)" in again.stdout
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["attempts"] == 2 and resumed["global_step"] == 8
+    assert (runs / "lora-r2-s1" / "result.json").is_file()
+
+    # the same run never stopped (the callback fires once, so the options are identical)
+    code, printed = compare(*common, "--seeds", "0", "--out", str(tmp_path / "ref"), *extra)
+    assert code == 0, printed[-2000:]
+    whole = json.loads((tmp_path / "ref/runs/lora-r2-s0/result.json").read_text())
+    assert resumed["loss_curve"]["step"] == whole["loss_curve"]["step"] == list(range(1, 9))
+    for a, b in zip(resumed["loss_curve"]["loss"], whole["loss_curve"]["loss"]):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert resumed["final"] == pytest.approx(whole["final"], abs=1e-6)
+
+
+def test_sigterm_to_compare_glue_script_stops_its_run_and_starts_no_further_task(
+        tmp_path: Path, tiny_ckpt, glue_dir: Path) -> None:
+    out = tmp_path / "out"
+    env = {**ENV, "TASKS": "mrpc stsb", "SMOKE_METHODS": "lora", "OUT": str(out),
+           "PYTHON": sys.executable,
+           "EXTRA": " ".join([f"--model.init_args.checkpoint={tiny_ckpt('bert')}",
+                              f"--data.init_args.data_dir={glue_dir}",
+                              *signal_ancestor(2)])}
+    done = subprocess.run(["bash", str(ROOT / "bench/compare_glue.sh"), "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == TERMINATED, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "terminated (SIGTERM)" in done.stderr
+    run = out / "mrpc" / "selection" / "runs" / "lora-r8-lr0.0005-s0"
+    assert "SIGTERM: stopping at the end of this batch" in (run / "run.log").read_text()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "result.json").exists()
+    assert not (out / "mrpc" / "selection" / "runs" / "lora-r8-lr0.002-s0").exists()
+    assert not (out / "stsb").exists()  # the task loop stopped
+    assert not processes_mentioning(str(out))
