@@ -1,8 +1,9 @@
 """Stopping a comparison the ways users do: SIGTERM to ``python -m app.compare`` alone (``kill
-PID``, ``timeout``, a scheduler signalling the main process) and to ``bench/compare_glue.sh``
-alone. Each time the run in progress must stop at a batch end with a resumable
-``last.ckpt`` (the comparison waits for it, so no run outlives it), no further run or task
-may start, and running the same command again must resume and give the uninterrupted run.
+PID``, ``timeout``, a scheduler signalling the main process), here with two selection runs at
+once, and to ``bench/compare_glue.sh`` alone. Each time the runs in progress must stop at a
+batch end with a resumable ``last.ckpt`` (the comparison waits for them, so no run outlives
+it), no further run or task may start, and running the same command again must resume and
+give the uninterrupted runs.
 
 The signal comes from inside the run (``test_run_guard.SignalAtStep`` with ``ancestor``: the
 run's parent or grandparent, after step 2), so it lands mid-run without timing guesses, and
@@ -48,45 +49,64 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_sigterm_to_the_comparison_alone_stops_its_run_resumably(tmp_path: Path, tiny_ckpt,
-                                                                 glue_dir: Path) -> None:
+def test_sigterm_to_the_comparison_alone_stops_parallel_runs_resumably(
+        tmp_path: Path, tiny_ckpt, glue_dir: Path) -> None:
+    """Two selection runs at once (``--select-jobs 2``); SIGTERM to the comparison: both stop,
+    nothing else starts; the rerun resumes them and gives the one-at-a-time results."""
     base = base_yaml(tmp_path, tiny_ckpt("bert"), glue_dir)
     once = tmp_path / "signalled"
-    common = ["--base", str(base), "--methods", "lora", "--ranks", "2", "--warmup-steps", "1",
-              "--no-plots"]
+    common = ["--base", str(base), "--methods", "lora", "--ranks", "2", "--seeds", "0",
+              "--lrs", "5e-4", "2e-3", "--warmup-steps", "1", "--no-plots"]
     extra = ["--extra", "--trainer.max_steps", "8", *signal_ancestor(1, once)]
-    cmd = [sys.executable, "-m", "app.compare", *common, "--seeds", "0", "1", "--out", "out",
+    cmd = [sys.executable, "-m", "app.compare", *common, "--select-jobs", "2", "--out", "out",
            *extra]
     cut = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert cut.returncode == TERMINATED, cut.stdout[-2000:] + cut.stderr[-2000:]
     assert "terminated (SIGTERM): run the same command again to resume" in cut.stderr
-    runs = tmp_path / "out" / "runs"
-    run = runs / "lora-r2-s0"
-    # the run heard of it (passed on), stopped at a batch end and left a resumable checkpoint
-    assert "SIGTERM: stopping at the end of this batch" in (run / "run.log").read_text()
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert not (run / "result.json").exists() and not (run / "adapter").exists()
-    assert json.loads((run / "spec.json").read_text())["attempts"][-1]["returncode"] is None
-    assert not (runs / "lora-r2-s1").exists()  # the plan stopped there
+    assert "2 at a time" in cut.stdout
+    lines = cut.stdout.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.endswith(": running")]
+    assert len(starts) == 2 and not any(": done" in ln or "FAILED" in ln for ln in lines)
+    sel = tmp_path / "out" / "selection" / "runs"
+    names = ["lora-r2-lr0.0005-s0", "lora-r2-lr0.002-s0"]
+    stopped = []
+    for name in names:
+        run = sel / name
+        assert not (run / "result.json").exists() and not (run / "adapter").exists()
+        attempt = json.loads((run / "spec.json").read_text())["attempts"][-1]
+        assert attempt["returncode"] is None and attempt["threads"] >= 1
+        if (run / "checkpoints" / "last.ckpt").is_file():
+            # it heard of the signal (passed on) and stopped at a batch end
+            log = (run / "run.log").read_text()
+            assert "SIGTERM" in log and "interrupted at step" in log
+            assert "resumable checkpoint" in log
+            stopped.append(name)
+    assert stopped  # at least the run that sent the signal had passed step 2
+    assert not (tmp_path / "out" / "runs").exists()  # the seed run never started
     assert not processes_mentioning(str(tmp_path / "out"))  # no run outlived the comparison
 
     again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "[1/2] lora-r2-s0: running (resuming from last.ckpt)" in again.stdout
-    resumed = json.loads((run / "result.json").read_text())
-    assert resumed["attempts"] == 2 and resumed["global_step"] == 8
-    assert (runs / "lora-r2-s1" / "result.json").is_file()
+    for name in stopped:
+        assert f"{name}: running (resuming from last.ckpt)" in again.stdout
 
-    # the same run never stopped (the callback fires once, so the options are identical)
-    code, printed = compare(*common, "--seeds", "0", "--out", str(tmp_path / "ref"), *extra)
+    # the same comparison never stopped, one run at a time (the callback fires once only, so
+    # every option is the same)
+    code, printed = compare(*common, "--out", str(tmp_path / "ref"), *extra)
     assert code == 0, printed[-2000:]
-    whole = json.loads((tmp_path / "ref/runs/lora-r2-s0/result.json").read_text())
-    assert resumed["loss_curve"]["step"] == whole["loss_curve"]["step"] == list(range(1, 9))
-    for a, b in zip(resumed["loss_curve"]["loss"], whole["loss_curve"]["loss"]):
-        assert a == pytest.approx(b, abs=1e-5)
-    assert resumed["final"] == pytest.approx(whole["final"], abs=1e-6)
+    for folder, name in [("selection/runs", n) for n in names] + [("runs", "lora-r2-s0")]:
+        got = json.loads((tmp_path / "out" / folder / name / "result.json").read_text())
+        want = json.loads((tmp_path / "ref" / folder / name / "result.json").read_text())
+        # a run stopped before its first checkpoint starts again from scratch
+        assert got["global_step"] == 8 and got["attempts"] == (2 if name in stopped else 1)
+        assert got["concurrent_runs"] == (2 if folder != "runs" else 1)
+        assert got["lr"] == want["lr"]
+        assert got["loss_curve"]["step"] == want["loss_curve"]["step"] == list(range(1, 9))
+        for a, b in zip(got["loss_curve"]["loss"], want["loss_curve"]["loss"]):
+            assert a == pytest.approx(b, abs=1e-5)
+        assert got["final"] == pytest.approx(want["final"], abs=1e-6)
 
 
 def test_sigterm_to_compare_glue_script_stops_its_run_and_starts_no_further_task(

@@ -2,6 +2,7 @@
 
 ``python -m app.compare`` (:mod:`app.compare.cli`). The pieces: :mod:`~app.compare.plan` (the
 grid and each run's arguments), :mod:`~app.compare.runner` (one subprocess per run, resume),
+:mod:`~app.compare.launch` (starting, waiting for and stopping the runs),
 :mod:`~app.compare.timing` (the ``StepTimer`` callback), :mod:`~app.compare.collect` (one run's
 ``result.json``), :mod:`~app.compare.select` (learning-rate selection on a held-out slice of
 the training set), :mod:`~app.compare.stats` (paired t and bootstrap intervals),

@@ -89,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--select-on", choices=("final", "best"), default="final",
                    help="held-out score at the end of the run (default) or at its best "
                         "validation point")
+    p.add_argument("--select-jobs", type=int, default=1, metavar="N",
+                   help="selection runs at once (default 1), each with cores / N torch "
+                        "threads: their step times are not reported, so only wall time "
+                        "changes (2 one-thread runs do ~1.3x the work of one two-thread run "
+                        "on 2 cores); the seed runs, whose step times are reported, always "
+                        "run one at a time")
     p.add_argument("--note", default="", help="Markdown put above the table (budget, data)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
@@ -148,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = build_plan(args.base, method_paths, args.seeds, args.ranks, extra,
                           args.warmup_steps)
+        if args.select_jobs < 1 or (args.select_jobs > 1 and args.in_process):
+            raise ValueError(f"--select-jobs {args.select_jobs}: give 1 or more (1 with "
+                             "--in-process, which runs in this process)")
         if selecting:
             if not 0.0 < args.select_holdout < 1.0:
                 raise ValueError(f"--select-holdout {args.select_holdout}: give a fraction "
@@ -185,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sel_results = _finished(sel_plan, sel_runs, failed, "selection/")
             else:
                 sel_outcome = run_plan(sel_plan, args.out / "selection", metric=args.metric,
-                                       mode=args.mode, in_process=args.in_process)
+                                       mode=args.mode, in_process=args.in_process,
+                                       jobs=args.select_jobs)
                 sel_results = sel_outcome.results
                 failed += [(f"selection/{n}", m) for n, m in sel_outcome.failed]
             chosen = select_rates(sel_plan, sel_results, metric=args.metric, mode=args.mode,

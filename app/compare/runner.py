@@ -7,11 +7,10 @@ Each run lives in ``OUT/runs/<name>/``: ``spec.json`` (what the run is, and ever
 ``checkpoints/last.ckpt`` (resuming gives the same numbers as never stopping) or starts again
 from scratch if it has none. A failing run is reported and the others go on.
 
-Stopping: Ctrl-C reaches the comparison and its run alike (one process group); SIGTERM may
-reach the comparison alone (``kill PID``, ``timeout``, a scheduler signalling the main
-process), so :func:`terminate_on_sigterm` turns it into :class:`Terminated` and the runner
-passes it on to the run. Either way the run stops at the end of its batch with a resumable
-``last.ckpt`` and the comparison waits for it, so no run outlives the comparison.
+Runs go one at a time, or ``jobs`` at once (CPU runs sharing the cores, each with
+``cores / jobs`` threads; only for runs whose step times are not reported). Stopping (Ctrl-C,
+SIGTERM) is :mod:`app.compare.launch`'s: every run in progress stops with a resumable
+``last.ckpt`` and the comparison waits for them.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,13 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from app.compare.collect import collect_run
+from app.compare.launch import (
+    Launched,
+    Terminated,
+    run_in_process,
+    start_subprocess,
+    stop_all,
+    terminate_on_sigterm,
+    wait_any,
+)
 from app.compare.plan import RunSpec
 
 __all__ = ["Outcome", "Terminated", "finished_result", "run_args", "run_plan",
-           "terminate_on_sigterm"]
+           "terminate_on_sigterm"]  # (the last two re-exported from app.compare.launch)
 
 _LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
-_GRACE_S = 120  # seconds an interrupted run gets to stop cleanly
 
 
 @dataclass
@@ -52,20 +57,6 @@ class Outcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-class Terminated(KeyboardInterrupt):
-    """The comparison got SIGTERM (a :class:`KeyboardInterrupt`, so every ``except
-    KeyboardInterrupt`` that records an interrupted attempt records this one too)."""
-
-
-def terminate_on_sigterm() -> None:
-    """Raise :class:`Terminated` in the main thread when SIGTERM arrives."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 class PlanMismatchError(RuntimeError):
@@ -142,48 +133,6 @@ def _prepare(spec: RunSpec, run_dir: Path) -> tuple[Path | None, dict[str, Any]]
     return (last if last.is_file() and same else None), state
 
 
-def _launch_subprocess(args: list[str], run_dir: Path) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "app", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    log_path = run_dir / "run.log"
-    with log_path.open("a") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt as stop:
-            # A Ctrl-C reached the run too (same process group); a SIGTERM may not have, so
-            # pass it on (a second one is harmless). Then give the run time to stop at a batch
-            # boundary and write its last.ckpt; a second Ctrl-C (or a stuck run) kills it.
-            if isinstance(stop, Terminated) and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=_GRACE_S)
-            except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-            raise
-    if code == 0:
-        return 0, ""
-    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    return code, f"exit status {code}: {lines[-1] if lines else ''} (log: {log_path})"
-
-
-def _launch_in_process(args: list[str], run_dir: Path) -> tuple[int, str]:
-    from app.cli import main
-
-    try:
-        main(args)
-    except SystemExit as err:
-        code = err.code if isinstance(err.code, int) else 1
-        return code, f"exit status {code}" if code else ""
-    except Exception as err:  # one failing run must not stop the comparison
-        return 1, f"{type(err).__name__}: {err}"
-    return 0, ""
-
-
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -193,10 +142,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _Attempt:
+    """A run started by :func:`run_plan` and its bookkeeping."""
+
+    spec: RunSpec
+    tag: str
+    args: list[str]
+    state: dict[str, Any]
+    record: dict[str, Any]
+    start: float
+    launched: Launched | None = None
+
+    def close(self, returncode: int | None) -> float:
+        """Record this attempt's wall time and status in ``spec.json``; its wall seconds."""
+        wall = time.perf_counter() - self.start
+        self.record.update(wall_s=round(wall, 3), returncode=returncode)
+        _write_json(self.launched.run_dir / "spec.json", self.state)
+        return wall
+
+
 def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
-             mode: str = "max", in_process: bool = False,
+             mode: str = "max", in_process: bool = False, jobs: int = 1,
              echo: Callable[[str], None] = print) -> Outcome:
-    """Run every unfinished run of ``plan`` in turn and collect its ``result.json``.
+    """Run every unfinished run of ``plan`` and collect its ``result.json``.
 
     Args:
         plan: The runs (see :func:`app.compare.plan.build_plan`).
@@ -205,69 +181,106 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
         mode: ``max`` or ``min``: which direction of ``metric`` is better.
         in_process: Run in this process instead of a subprocess (debugging and tests only:
             a crash ends the comparison and peak memory includes earlier runs).
+        jobs: Runs at once (subprocesses only). Above 1 each gets ``cores / jobs`` torch
+            threads and they share the machine, so their step times are not comparable with
+            one-at-a-time runs (``result.json`` records ``concurrent_runs``).
         echo: Where progress lines go.
 
     Raises:
         PlanMismatchError: Before anything runs, if a finished run has other settings.
+        ValueError: ``jobs`` below 1, or above 1 with ``in_process``.
     """
+    if jobs < 1 or (jobs > 1 and in_process):
+        raise ValueError(f"jobs={jobs}: give 1 or more (1 with in_process)")
     runs = out.resolve() / "runs"  # absolute: the runs' own paths must not depend on cwd
     done = {spec.name: finished_result(spec, runs / spec.name) for spec in plan}
     past = [r.get("wall_s") or 0.0 for r in done.values() if r]
     todo = [spec.name for spec in plan if done[spec.name] is None]
     echo(f"comparison: {len(plan)} runs, {len(plan) - len(todo)} finished earlier, "
-         f"{len(todo)} to run -> {out}")
-    launch = _launch_in_process if in_process else _launch_subprocess
+         f"{len(todo)} to run -> {out}" + (f", {jobs} at a time" if jobs > 1 else ""))
+    threads = max(1, _cores() // jobs) if jobs > 1 else None
     outcome, durations = Outcome(), []
     width = len(str(len(plan)))
+    queue: list[tuple[RunSpec, str]] = []
     for index, spec in enumerate(plan, 1):
         tag = f"[{index:>{width}}/{len(plan)}] {spec.name}"
-        run_dir = runs / spec.name
         if done[spec.name] is not None:
             echo(f"{tag}: finished earlier, skipped")
-            outcome.results.append(done[spec.name])
-            continue
-        resume, state = _prepare(spec, run_dir)
-        args = run_args(spec, run_dir, resume)
-        echo(f"{tag}: running" + (f" (resuming from {resume.name})" if resume else ""))
-        start = time.perf_counter()
-        attempt: dict[str, Any] = {"resumed_from": str(resume) if resume else None}
-        state["attempts"].append(attempt)
-        try:
-            code, message = launch(args, run_dir)
-        except KeyboardInterrupt:
-            attempt.update(wall_s=round(time.perf_counter() - start, 3), returncode=None)
-            _write_json(run_dir / "spec.json", state)
-            raise
-        wall = time.perf_counter() - start
-        attempt.update(wall_s=round(wall, 3), returncode=code)
-        _write_json(run_dir / "spec.json", state)
-        outcome.executed.append(spec.name)
-        durations.append(wall)
-        if code == 0 and not (run_dir / "timing.json").is_file():
-            code, message = 1, "the run stopped without a result (interrupted?); rerun to resume it"
-        if code == 0:
-            try:
-                collected = collect_run(run_dir, metric, mode)
-            except Exception as err:  # unreadable events: report, keep the comparison going
-                code, message = 1, f"collecting the results failed: {err!r}"
-        if code == 0:
-            result = {"name": spec.name, "method": spec.method, "rank": spec.rank,
-                      "rank_label": spec.rank_label, "seed": spec.seed,
-                      "lr": spec.lr, "stage": spec.stage,
-                      "fingerprint": spec.fingerprint(),
-                      "command": shlex.join([sys.executable, "-m", "app", *args]),
-                      "wall_s": round(sum(a["wall_s"] for a in state["attempts"]), 3),
-                      "attempts": len(state["attempts"]), **collected}
-            _write_json(run_dir / "result.json", result)
-            outcome.results.append(result)
-            best = result["best"]
-            status = f"done in {_duration(wall)}, {metric} best " + (
-                "n/a" if best is None else f"{best:.4f}")
         else:
-            outcome.failed.append((spec.name, message))
-            status = f"FAILED after {_duration(wall)}: {message}"
-        left = len(todo) - todo.index(spec.name) - 1
-        mean = sum(durations + past) / len(durations + past)
-        eta = f" | {left} left, ETA {_duration(left * mean)}" if left else " | all done"
-        echo(f"{tag}: {status}{eta}")
+            queue.append((spec, tag))
+    running: list[_Attempt] = []
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                spec, tag = queue.pop(0)
+                running.append(_start(spec, tag, runs / spec.name, in_process, threads, echo))
+            ended = wait_any([a.launched for a in running])
+            attempt = next(a for a in running if a.launched is ended)
+            running.remove(attempt)
+            wall = attempt.close(ended.code)
+            outcome.executed.append(attempt.spec.name)
+            durations.append(wall)
+            status = _collect(attempt, wall, metric, mode, jobs, outcome)
+            left = len(queue) + len(running)
+            mean = sum(durations + past) / len(durations + past)
+            eta = (f" | {left} left, ETA {_duration(left * mean / jobs)}" if left
+                   else " | all done")
+            echo(f"{attempt.tag}: {status}{eta}")
+    except KeyboardInterrupt as stop:
+        stop_all([a.launched for a in running], stop)
+        for attempt in running:
+            attempt.close(None)
+        raise
+    order = {spec.name: i for i, spec in enumerate(plan)}
+    outcome.results = sorted([r for r in done.values() if r] + outcome.results,
+                             key=lambda r: order[r["name"]])
     return outcome
+
+
+def _start(spec: RunSpec, tag: str, run_dir: Path, in_process: bool, threads: int | None,
+           echo: Callable[[str], None]) -> _Attempt:
+    resume, state = _prepare(spec, run_dir)
+    args = run_args(spec, run_dir, resume)
+    echo(f"{tag}: running" + (f" (resuming from {resume.name})" if resume else ""))
+    record: dict[str, Any] = {"resumed_from": str(resume) if resume else None,
+                              "threads": threads}
+    state["attempts"].append(record)
+    attempt = _Attempt(spec, tag, args, state, record, time.perf_counter())
+    try:
+        attempt.launched = (run_in_process(args, run_dir) if in_process
+                            else start_subprocess(args, run_dir, threads))
+    except KeyboardInterrupt:
+        attempt.launched = Launched(run_dir, code=None)
+        attempt.close(None)
+        raise
+    return attempt
+
+
+def _collect(attempt: _Attempt, wall: float, metric: str, mode: str, jobs: int,
+             outcome: Outcome) -> str:
+    """Write an ended run's ``result.json`` (or record its failure); its progress status."""
+    spec, run_dir, launched = attempt.spec, attempt.launched.run_dir, attempt.launched
+    code, message = launched.code, launched.message()
+    if code == 0 and not (run_dir / "timing.json").is_file():
+        code, message = 1, "the run stopped without a result (interrupted?); rerun to resume it"
+    if code == 0:
+        try:
+            collected = collect_run(run_dir, metric, mode)
+        except Exception as err:  # unreadable events: report, keep the comparison going
+            code, message = 1, f"collecting the results failed: {err!r}"
+    if code != 0:
+        outcome.failed.append((spec.name, message))
+        return f"FAILED after {_duration(wall)}: {message}"
+    attempts = attempt.state["attempts"]
+    result = {"name": spec.name, "method": spec.method, "rank": spec.rank,
+              "rank_label": spec.rank_label, "seed": spec.seed,
+              "lr": spec.lr, "stage": spec.stage,
+              "fingerprint": spec.fingerprint(),
+              "command": shlex.join([sys.executable, "-m", "app", *attempt.args]),
+              "wall_s": round(sum(a["wall_s"] for a in attempts), 3),
+              "attempts": len(attempts), "concurrent_runs": jobs, **collected}
+    _write_json(run_dir / "result.json", result)
+    outcome.results.append(result)
+    best = result["best"]
+    return f"done in {_duration(wall)}, {metric} best " + (
+        "n/a" if best is None else f"{best:.4f}")
