@@ -43,9 +43,10 @@
 #   (configs/protocol/glue_v2_<task>.yaml: MRPC 5e-5, STS-B 2e-3, with the measurements).
 #   SST-2 (optional): 3 epochs over a fixed 6,400-sentence sample of its training set (1,200
 #   steps).
-#   CPU time (2 quiet cores; per-step times of the v1 recording: LoRA family 0.28-0.40 s,
-#   full-weight methods 0.39-0.47 s; plus start-up and validation): about 7 h for MRPC
-#   (40 selection + 39 seed runs) and 9 h for STS-B: ~16 h in all, over several sittings.
+#   CPU time (2 quiet cores; the first v2 MRPC selection runs took 8-10 min each on 2
+#   threads, 0.80 s per step for LoRA-type methods, DoRA 15 min): about 12 h for MRPC (43
+#   selection runs, two at a time, + 39 seed runs) and 20 h for STS-B (1.56x the steps),
+#   over many sittings.
 #   GPU: the same protocol, bf16-mixed.
 #
 # Tables, CSV, JSON and PNGs land in <out>/<task>/ (commit them). Of each run folder git keeps
@@ -61,7 +62,7 @@ for arg in "$@"; do
   case "$arg" in
     --gpu) MODE=gpu ;;
     --smoke) MODE=smoke ;;
-    -h|--help) sed -n "2,48p" "$0"; exit 0 ;;
+    -h|--help) sed -n "2,56p" "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --gpu, --smoke or nothing)" >&2; exit 2 ;;
   esac
 done
