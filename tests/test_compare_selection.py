@@ -22,6 +22,7 @@ from app.compare.select import (
     select_rates,
     selection_plan,
 )
+from app.compare.tables import selection_table
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -166,3 +167,7 @@ def test_grid_errors_and_tie_breaks(tmp_path: Path) -> None:
     assert not chosen[0]["complete"]
     chosen = select_rates(plan, [result(1e-4, 0.8, 0.6), result(1e-3, 0.7, 0.6)])
     assert chosen[0]["edge"] == "lower"
+    # The table says a missing rate did not finish (failed, diverged or not run yet), not more.
+    row = selection_table(chosen).splitlines()[-1]
+    assert "0.8000, 0.7000, not finished" in row and "some rates did not finish" in row
+    assert "failed" not in row

@@ -257,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(results)}/{len(plan) + len(missing)} runs finished; report: "
           + ", ".join(str(path) for path in files.values()))
     if failed:
-        print(f"{len(failed)} run(s) failed: " + ", ".join(n for n, _ in failed),
+        what = "not finished or not reported" if args.report_only else "failed"
+        print(f"{len(failed)} run(s) {what}: " + ", ".join(n for n, _ in failed),
               file=sys.stderr)
     return 1 if failed and not args.report_only else 0
 

@@ -58,7 +58,8 @@ def selection_table(chosen: Sequence[dict[str, Any]],
                      f"{reference['description']} |")
     for c in chosen:
         grid = ", ".join(f"{v:.2g}" for v in c["grid"])
-        scores = ", ".join("failed" if v is None else f"{v:.4f}" for v in c["scores"])
+        # no result: failed, diverged or not run yet (the list under the tables says which)
+        scores = ", ".join("not finished" if v is None else f"{v:.4f}" for v in c["scores"])
         notes = []
         if c["edge"]:
             notes.append(f"at the {c['edge']} end of the grid")
