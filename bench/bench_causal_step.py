@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         *rows,
         "",
         f"torch threads {torch.get_num_threads()}; 1-minute load average {load['before']:.1f} "
-        f"before, {load['after']:.1f} after (the machine's 2 cores are shared with other jobs; "
+        f"before, {load['after']:.1f} after (other processes on the cores add time; "
         "interleaving spreads that noise over all methods, the minima are least affected). "
         "CPU step times are dominated by the forward and backward pass; the geometry's share "
         "grows on a GPU (run the same command with --device cuda there).",
