@@ -24,16 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from app.compare.launch import Terminated, terminate_on_sigterm
 from app.compare.plan import build_plan, load_fragments
 from app.compare.report import write_report
-from app.compare.runner import (
-    PlanMismatchError,
-    Terminated,
-    finished_result,
-    run_args,
-    run_plan,
-    terminate_on_sigterm,
-)
+from app.compare.runner import PlanMismatchError, finished_result, run_args, run_plan
 from app.compare.select import (
     LR_OPTION,
     apply_rates,

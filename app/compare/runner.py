@@ -27,19 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from app.compare.collect import collect_run
-from app.compare.launch import (
-    Launched,
-    Terminated,
-    run_in_process,
-    start_subprocess,
-    stop_all,
-    terminate_on_sigterm,
-    wait_any,
-)
+from app.compare.launch import Launched, run_in_process, start_subprocess, stop_all, wait_any
 from app.compare.plan import RunSpec
 
-__all__ = ["Outcome", "Terminated", "finished_result", "run_args", "run_plan",
-           "terminate_on_sigterm"]  # (the last two re-exported from app.compare.launch)
+__all__ = ["Outcome", "finished_result", "run_args", "run_plan"]
 
 _LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 
