@@ -171,3 +171,21 @@ def test_grid_errors_and_tie_breaks(tmp_path: Path) -> None:
     row = selection_table(chosen).splitlines()[-1]
     assert "0.8000, 0.7000, not finished" in row and "some rates did not finish" in row
     assert "failed" not in row
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--select-jobs", "0"], "--select-jobs 0: give 1 or more"),
+    (["--select-jobs", "2", "--in-process"], "--select-jobs 2: give 1 or more (1 with"),
+    (["--select-lr", "--select-holdout", "1.5"],
+     "--select-holdout 1.5: give a fraction between 0 and 1"),
+])
+def test_bad_selection_options_stop_with_one_line(args, message, tmp_path: Path,
+                                                  capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--base", str(ROOT / "configs/data/glue_mrpc.yaml"), "--methods", "lora",
+                  "--out", str(tmp_path / "out"), *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:") or "error:" in ln]
+    assert not (tmp_path / "out").exists()  # nothing written
