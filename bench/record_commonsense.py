@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def cli(*args: str, log: Path) -> float:
 
     A Ctrl-C reaches the run too (same process group), which stops at the next step with a
     resumable ``last.ckpt``: this waits for it instead of killing it, then stops with the
-    command that resumes."""
+    command that resumes. A SIGTERM to this script alone (``kill PID``, ``timeout``) is
+    passed on to the run, with the same outcome."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
@@ -56,12 +58,18 @@ def cli(*args: str, log: Path) -> float:
     with open(log, "a") as f:
         proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:
-                print("stopping the run at its next step (it writes last.ckpt) ...", flush=True)
+        previous = signal.signal(signal.SIGTERM,
+                                 lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        try:
+            while True:
+                try:
+                    code = proc.wait()
+                    break
+                except KeyboardInterrupt:
+                    print("stopping the run at its next step (it writes last.ckpt) ...",
+                          flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if code in INTERRUPTED:
         raise SystemExit(f"interrupted ({code}); run the same command again to resume "
                          f"(see {log})")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_compare_signals import processes_mentioning
 from tiny_causal import write_commonsense
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,3 +107,15 @@ def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) 
     assert row["settings"]["fit_args"] == [a.split("=", 1)[1] for a in stop[4:]]
     assert set(json.loads((tmp_path / "out.json").read_text())["results"]) == {
         "zero-shot", "lora_s1"}
+    # SIGTERM to the recorder alone (kill PID, timeout): passed on to the fit, which stops
+    # with a resumable last.ckpt; the recorder waits for it and says how to resume
+    term = ["--seeds", "2", "--steps", "3",
+            "--fit-arg=--trainer.callbacks+=test_run_guard.SignalAtStep",
+            "--fit-arg=--trainer.callbacks.step=2", "--fit-arg=--trainer.callbacks.ancestor=1",
+            "--fit-arg=--trainer.callbacks.wait_s=1.0"]
+    cut = record(tiny_causal("llama"), data, tmp_path, *term)
+    assert "interrupted (143); run the same command again to resume" in cut.stderr, (
+        cut.stdout[-2000:] + cut.stderr[-2000:])
+    fit = tmp_path / "work/lora_s2/fit"
+    assert (fit / "checkpoints/last.ckpt").is_file() and not (fit / "adapter").exists()
+    assert not processes_mentioning(str(fit))  # the fit did not outlive the recorder
