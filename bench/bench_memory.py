@@ -26,7 +26,6 @@ import argparse
 import importlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -36,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
+
+from common import run_child  # noqa: E402
 
 METHODS = ("full", "lora", "asymmetric", "allora", "galore", "garare")
 MIB = 2**20
@@ -148,7 +149,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--checkpoint", args.checkpoint]
         started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        proc = run_child(cmd, capture_output=True, text=True, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")

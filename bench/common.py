@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description and result files."""
+"""Helpers shared by the benchmark scripts: machine description, result files, and running a
+child process that a SIGTERM of the script reaches too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import json
 import os
 import platform
 import shlex
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +58,51 @@ def write_results(stem: Path, payload: dict[str, Any], markdown: str) -> None:
 def most_common_share(values: list) -> float:
     """Share of ``values`` equal to their most common value (1.0: all the same)."""
     return max(values.count(v) for v in set(values)) / len(values)
+
+
+@contextmanager
+def sigterm_passed_to(proc: subprocess.Popen) -> Iterator[list[bool]]:
+    """While inside, a SIGTERM of this process is sent on to ``proc`` (which stops as it would
+    on its own SIGTERM: the runs write a resumable ``last.ckpt``); yields a one-item list that
+    turns ``[True]`` when one arrived."""
+    got = [False]
+
+    def forward(signum: int, frame: Any) -> None:
+        got[0] = True
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_child(cmd: Sequence[str], *, check: bool = False, capture_output: bool = False,
+        text: bool | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
+    """:func:`subprocess.run` for the benchmark scripts' children, except that a SIGTERM of
+    the script (``kill PID``, ``timeout``) reaches the child too, is waited for, and then
+    stops the script with status 143 (a killed script would leave its child running and
+    writing results nobody collects); after a Ctrl-C, which reaches both, the script waits for
+    the child and stops with 130 (a second Ctrl-C kills the child)."""
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    ctrl_c = False
+    with subprocess.Popen(list(cmd), text=text, **kwargs) as proc, \
+            sigterm_passed_to(proc) as got:
+        while True:
+            try:
+                out, err = proc.communicate()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached the child too: wait for it to stop
+                if ctrl_c:  # the second one: do not wait
+                    proc.kill()
+                    raise
+                ctrl_c = True
+    if got[0] or ctrl_c:
+        raise SystemExit(128 + int(signal.SIGTERM if got[0] else signal.SIGINT))
+    done = subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done

@@ -9,7 +9,6 @@ Example (the recorded MiniLM + LoRA r=8 result):
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import run_child, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +59,7 @@ def main() -> None:
                "--trainer.enable_progress_bar", "false",
                "--seed_everything", str(args.seed), *args.extra]
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        run_child(cmd, cwd=ROOT, check=True)
         wall = time.perf_counter() - start
         run = sorted((root / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
         metrics = best_metrics(run)

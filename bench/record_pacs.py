@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import run_child, write_results  # noqa: E402
 from fragments import all_fragments, describe  # noqa: E402
 from make_tiny_vit import make_vit  # noqa: E402
 
@@ -48,7 +47,7 @@ def run(cmd: list[str], log: Path, threads: int) -> tuple[float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_child(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -8,13 +8,12 @@ HotpotQA sample end to end. Writes ``bench/results/qa_minilm_lora.md`` / ``.json
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import run_child, write_results  # noqa: E402
 from record_glue import best_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ def run(name: str, config: str, extra: list[str]) -> dict:
            "--config", "configs/methods/lora.yaml", "--trainer.default_root_dir", str(root),
            "--trainer.enable_progress_bar", "false", "--seed_everything", "42", *extra]
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    run_child(cmd, cwd=ROOT, check=True)
     wall = time.perf_counter() - start
     run_dir = sorted((root / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
     return {"name": name, "cli": " ".join(cmd[1:]), "wall_s": round(wall, 1),

@@ -6,13 +6,12 @@ to ``bench/results/quickstart.md`` / ``.json``.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import run_child, write_results  # noqa: E402
 from record_glue import best_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +23,7 @@ def main() -> None:
            "--trainer.default_root_dir", str(root)]
     exe = Path(sys.executable).parent / "lightning-cli"
     start = time.perf_counter()
-    subprocess.run([str(exe), *cmd[1:]], cwd=ROOT, check=True)
+    run_child([str(exe), *cmd[1:]], cwd=ROOT, check=True)
     wall = time.perf_counter() - start
     run = sorted((root / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
     metrics = best_metrics(run)
