@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 
 from common import most_common_share, write_results  # noqa: E402
 
@@ -166,6 +167,29 @@ def paired_change(run: dict, base: dict) -> tuple[float, float]:
     return mean, 1.96 * var ** 0.5
 
 
+def seed_means(results: dict[str, dict]) -> dict[str, dict]:
+    """For each method with two or more seeds (rows ``<method>_s<seed>``): the mean accuracy
+    per task and on average, and the change over zero-shot as the mean of the seeds' paired
+    changes with its 95% Student-t interval over seeds (what varies between seeds: data
+    order, dropout, initialisation), ``{method: {"seeds", "scores", "change"}}``."""
+    from app.compare.stats import t_interval
+
+    groups: dict[str, list[dict]] = {}
+    for name, r in results.items():
+        method, _, seed = name.rpartition("_s")
+        if method and seed.isdigit():
+            groups.setdefault(method, []).append(r)
+    means = {}
+    for method, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        scores = {t: statistics.fmean(r["scores"][t] for r in runs) for t in [*SEVEN, "average"]}
+        change = t_interval([paired_change(r, results["zero-shot"])[0] for r in runs])
+        means[method] = {"seeds": len(runs), "scores": scores,
+                         "change": {k: change[k] for k in ("mean", "low", "high", "sd", "n")}}
+    return means
+
+
 def step_ms(run: Path) -> float | None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -288,6 +312,13 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{100 * s[t]:.1f}" for t in SEVEN)
                      + f" | {100 * s['average']:.2f} | {change} | {step} | "
                        f"{r.get('trainable', '-')} |")
+    means = seed_means(results)
+    for method, m in means.items():
+        c = m["change"]
+        lines.append(f"| **{method}, mean of {m['seeds']} seeds** | "
+                     + " | ".join(f"{100 * m['scores'][t]:.1f}" for t in SEVEN)
+                     + f" | {100 * m['scores']['average']:.2f} | {100 * c['mean']:+.2f} "
+                       f"({100 * c['low']:+.2f}, {100 * c['high']:+.2f}) over seeds | - | - |")
     lines += ["", "Share of each task's questions given the run's most common answer (100: "
               "the same answer every time; compare the accuracy with the majority-answer "
               "row):", "", "| run | " + " | ".join(SEVEN) + " |", "|" + "---|" * (len(SEVEN) + 1)]
@@ -301,13 +332,16 @@ def main() -> None:
                   + "; there the accuracy is the share of that answer, not reasoning."]
     lines += ["", "The change is paired: the same questions scored before and after training; "
               "its 95% interval is the normal approximation over the per-question "
-              "differences, each task weighted 1/7 as in the average. ms / step is the median "
+              "differences, each task weighted 1/7 as in the average; a method's mean row "
+              "gives the mean of its seeds' changes and the 95% Student-t interval over "
+              "seeds. ms / step is the median "
               "interval between logged training steps (it includes data loading).",
               "", f"A CPU-budget run: {args.steps} steps is a tiny fraction of the papers' "
               "3 epochs over commonsense_170k, so these rows show the pipeline end to end and "
               "the direction of the change, not the methods' ranking."]
     write_results(Path(args.out),
-                  {"settings": vars(args), "results": results}, "\n".join(lines))
+                  {"settings": vars(args), "results": results, "seed_means": means},
+                  "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_compare_signals import processes_mentioning
 from tiny_causal import write_commonsense
 
@@ -119,3 +120,28 @@ def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) 
     fit = tmp_path / "work/lora_s2/fit"
     assert (fit / "checkpoints/last.ckpt").is_file() and not (fit / "adapter").exists()
     assert not processes_mentioning(str(fit))  # the fit did not outlive the recorder
+
+
+def test_seed_means_against_a_hand_computation() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import record_commonsense
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def row(bits: str) -> dict:  # the same two questions' marks on every task
+        acc = bits.count("1") / len(bits)
+        return {"scores": {**{t: acc for t in SEVEN}, "average": acc},
+                "questions": {t: [0, 1] for t in SEVEN}, "correct": {t: bits for t in SEVEN}}
+
+    results = {"zero-shot": row("00"), "lora_s0": row("10"), "lora_s1": row("11"),
+               "lora_s2": row("10"), "stella_s0": row("11")}
+    means = record_commonsense.seed_means(results)
+    assert set(means) == {"lora"}  # one StelLA seed: no mean row
+    m = means["lora"]
+    assert m["seeds"] == 3 and m["scores"]["average"] == pytest.approx(2 / 3)
+    # paired changes 0.5, 1.0, 0.5: mean 2/3, sd sqrt(1/12), t(0.975, 2) = 4.3027
+    half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert m["change"]["mean"] == pytest.approx(2 / 3)
+    assert m["change"]["low"] == pytest.approx(2 / 3 - half, rel=1e-5)
+    assert m["change"]["high"] == pytest.approx(2 / 3 + half, rel=1e-5)
