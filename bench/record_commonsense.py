@@ -6,7 +6,8 @@ sets, through the real ``lightning-cli`` (the causal-LM module's ``fit`` and ``t
 For each method and seed: ``fit`` with ``configs/data/commonsense.yaml``,
 ``configs/model/smollm2_135m.yaml`` and the method's fragment unchanged (LLM-Adapters prompt,
 the four shared training sets mixed, ``max_length`` 256), ``--steps`` optimizer steps of
-``--batch`` examples; then ``test`` from ``last.ckpt`` on a fixed random subset of
+``--batch`` examples (the seed sets ``seed_everything`` and every seed the fragment pins,
+as in ``python -m app.compare``); then ``test`` from ``last.ckpt`` on a fixed random subset of
 ``--test-per-task`` questions of each of the seven test sets (``choice`` scoring). The
 zero-shot model is scored on the same subset by the same ``test`` command without a
 checkpoint (full.yaml's module, nothing trained). Time per step is the median interval
@@ -167,6 +168,16 @@ def paired_change(run: dict, base: dict) -> tuple[float, float]:
     return mean, 1.96 * var ** 0.5
 
 
+def run_seed_options(method: str, seed: int) -> list[str]:
+    """``--seed_everything SEED`` plus every seed the method's fragment pins (StelLA's
+    ``seed``, Asymmetric LoRA's ``init_seed``), as ``python -m app.compare`` gives its seeds:
+    otherwise such a method would keep one initialisation across its "seeds" while LoRA's
+    changes with ``seed_everything``."""
+    from app.compare.plan import load_fragments, seed_options
+
+    return seed_options(load_fragments([ROOT / "configs" / "methods" / f"{method}.yaml"]), seed)
+
+
 def seed_means(results: dict[str, dict]) -> dict[str, dict]:
     """For each method with two or more seeds (rows ``<method>_s<seed>``): the mean accuracy
     per task and on average, and the change over zero-shot as the mean of the seeds' paired
@@ -257,7 +268,7 @@ def main() -> None:
             if not out.is_file():
                 root = work / name
                 fit_wall = fit_run([*common, "--config", f"configs/methods/{method}.yaml",
-                                    "--seed_everything", str(seed),
+                                    *run_seed_options(method, seed),
                                     "--trainer.max_steps", str(args.steps),
                                     "--trainer.max_epochs", "-1",
                                     "--trainer.val_check_interval", str(args.steps),

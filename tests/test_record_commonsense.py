@@ -122,7 +122,7 @@ def test_record_commonsense_rows_and_paired_change(tiny_causal, tmp_path: Path) 
     assert not processes_mentioning(str(fit))  # the fit did not outlive the recorder
 
 
-def test_seed_means_against_a_hand_computation() -> None:
+def test_seed_options_and_seed_means_against_a_hand_computation() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import record_commonsense
@@ -133,6 +133,11 @@ def test_seed_means_against_a_hand_computation() -> None:
         acc = bits.count("1") / len(bits)
         return {"scores": {**{t: acc for t in SEVEN}, "average": acc},
                 "questions": {t: [0, 1] for t in SEVEN}, "correct": {t: bits for t in SEVEN}}
+
+    # every seed the fragment pins follows the run's seed, as in python -m app.compare
+    assert record_commonsense.run_seed_options("lora", 3) == ["--seed_everything", "3"]
+    assert record_commonsense.run_seed_options("stella", 3) == [
+        "--seed_everything", "3", "--model.init_args.adapter.init_args.seed", "3"]
 
     results = {"zero-shot": row("00"), "lora_s0": row("10"), "lora_s1": row("11"),
                "lora_s2": row("10"), "stella_s0": row("11")}
