@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from common import most_common_share, write_results  # noqa: E402
+from common import most_common_share, sigterm_passed_to, write_results  # noqa: E402
 
 SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
          "openbookqa"]
@@ -60,9 +59,7 @@ def cli(*args: str, log: Path) -> float:
     with open(log, "a") as f:
         proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
-        previous = signal.signal(signal.SIGTERM,
-                                 lambda signum, frame: proc.send_signal(signal.SIGTERM))
-        try:
+        with sigterm_passed_to(proc):
             while True:
                 try:
                     code = proc.wait()
@@ -70,8 +67,6 @@ def cli(*args: str, log: Path) -> float:
                 except KeyboardInterrupt:
                     print("stopping the run at its next step (it writes last.ckpt) ...",
                           flush=True)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     if code in INTERRUPTED:
         raise SystemExit(f"interrupted ({code}); run the same command again to resume "
                          f"(see {log})")
