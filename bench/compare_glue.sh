@@ -20,7 +20,11 @@
 # EXTRA="more --trainer/--data arguments", REPORT_ONLY=1, OUT=folder (instead of the mode's),
 # SELECT_JOBS=N (selection runs at once; CPU default 2, one thread each: measured 1.3x the
 # throughput of one two-thread run on 2 cores; their step times are not reported, the seed
-# runs', which are, always run one at a time; GPU and smoke default 1).
+# runs', which are, always run one at a time; GPU and smoke default 1),
+# FINISH_BY=WHEN (21:30, 2026-12-05T21:30, or from now: 90m, 2h): start no run that is not
+# expected to end by then (judged from the finished runs' wall times), let the runs in
+# progress finish, write the report and exit 75; every task gets the same deadline. For
+# sittings on a machine whose run folders may not survive: nothing is left half-trained.
 #
 # Stopping: Ctrl-C, or SIGTERM to this script alone (kill PID, timeout) or to its process
 # group, reaches the comparison as SIGTERM; its run stops at the end of its batch with a
@@ -62,7 +66,7 @@ for arg in "$@"; do
   case "$arg" in
     --gpu) MODE=gpu ;;
     --smoke) MODE=smoke ;;
-    -h|--help) sed -n "2,56p" "$0"; exit 0 ;;
+    -h|--help) sed -n "2,60p" "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --gpu, --smoke or nothing)" >&2; exit 2 ;;
   esac
 done
@@ -80,6 +84,12 @@ lrs=()
 if [ -n "${LRS:-}" ]; then read -r -a lr_list <<< "$LRS"; lrs=(--lrs "${lr_list[@]}"); fi
 report=()
 if [ -n "${REPORT_ONLY:-}" ]; then report=(--report-only); fi
+deadline=()
+if [ -n "${FINISH_BY:-}" ] && [ -z "${REPORT_ONLY:-}" ]; then
+  # One absolute time for every task (a duration would restart for each task's comparison).
+  when=$("$PYTHON" -m app.compare.deadline "$FINISH_BY") || exit 2
+  deadline=(--finish-by "$when")
+fi
 
 warm=(--warmup-steps 5)
 # The budget and the heads' rates are config fragments (configs/protocol/glue_v2*.yaml, each
@@ -145,12 +155,12 @@ for task in $TASKS; do
            configs/protocol/glue_v2.yaml "configs/protocol/glue_v2_${task}.yaml" \
     --methods $METHODS --seeds $SEEDS --ranks $RANKS --baseline lora \
     --select-lr "${lrs[@]}" --select-holdout "$HOLDOUT" --select-jobs "${SELECT_JOBS:-1}" \
-    "${report[@]}" \
+    "${report[@]}" "${deadline[@]}" \
     --out "$OUT/$task" "${device[@]}" "${warm[@]}" \
     --note "all-MiniLM-L6-v2 on GLUE ${task^^}. $task_note" \
     --extra "${budget[@]}" "${task_extra[@]}" "${extra[@]}" "${extra_user[@]}" || code=$?
-  if [ "$code" -ge 128 ]; then  # stopped by a signal: resume with the same command
-    exit "$code"
+  if [ "$code" -ge 128 ] || [ "$code" -eq 75 ]; then  # a signal, or FINISH_BY reached:
+    exit "$code"                                      # resume with the same command
   fi
   if [ "$code" -ne 0 ]; then status=$code; fi
 done

@@ -178,6 +178,9 @@ def test_grid_errors_and_tie_breaks(tmp_path: Path) -> None:
     (["--select-jobs", "2", "--in-process"], "--select-jobs 2: give 1 or more (1 with"),
     (["--select-lr", "--select-holdout", "1.5"],
      "--select-holdout 1.5: give a fraction between 0 and 1"),
+    (["--finish-by", "soon"], "--finish-by 'soon': not a time; give a clock time (21:30)"),
+    (["--finish-by", "2020-01-01T10:00"], "--finish-by '2020-01-01T10:00': that time has passed"),
+    (["--finish-by", "25:10"], "--finish-by '25:10': not a time of day"),
 ])
 def test_bad_selection_options_stop_with_one_line(args, message, tmp_path: Path,
                                                   capsys) -> None:

@@ -10,6 +10,10 @@ must come last: everything after it goes to every run.
 With ``--select-lr`` (or ``--lrs``) each method first runs once per rate of its grid on a
 held-out slice of the training set (:mod:`app.compare.select`, runs in ``OUT/selection/``),
 then every seed runs at the selected rate.
+
+With ``--finish-by`` (:mod:`app.compare.deadline`) no run starts that is not expected to end
+by then; the comparison reports what finished and exits with 75, and the same command
+continues later.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from app.compare.deadline import EXIT_DEADLINE, parse_finish_by
 from app.compare.launch import Terminated, terminate_on_sigterm
 from app.compare.plan import build_plan, load_fragments
 from app.compare.report import write_report
@@ -89,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
                         "changes (2 one-thread runs do ~1.3x the work of one two-thread run "
                         "on 2 cores); the seed runs, whose step times are reported, always "
                         "run one at a time")
+    p.add_argument("--finish-by", default=None, metavar="WHEN",
+                   help="start no run that is not expected to end by WHEN (21:30, "
+                        "2026-12-05T21:30, or from now: 90m, 2h), judged from the wall times "
+                        f"of finished runs; then report and exit with {EXIT_DEADLINE}, and the "
+                        "same command continues later")
     p.add_argument("--note", default="", help="Markdown put above the table (budget, data)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
@@ -145,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     method_paths = [_method_path(m) for m in methods]
     selecting = args.select_lr or bool(args.lrs)
     sel_plan: list = []
+    finish_by = None
     try:
+        if args.finish_by is not None and not (args.dry_run or args.report_only):
+            finish_by = parse_finish_by(args.finish_by)
         plan = build_plan(args.base, method_paths, args.seeds, args.ranks, extra,
                           args.warmup_steps)
         if args.select_jobs < 1 or (args.select_jobs > 1 and args.in_process):
@@ -179,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen: list = []
     failed: list = []
     missing: list = []
+    deferred: list = []
     previous_sigterm = signal.getsignal(signal.SIGTERM)
     if not args.in_process:  # (in-process runs take SIGTERM themselves: tests, debugging)
         terminate_on_sigterm()
@@ -189,21 +203,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 sel_outcome = run_plan(sel_plan, args.out / "selection", metric=args.metric,
                                        mode=args.mode, in_process=args.in_process,
-                                       jobs=args.select_jobs)
+                                       jobs=args.select_jobs, finish_by=finish_by)
                 sel_results = sel_outcome.results
                 failed += [(f"selection/{n}", m) for n, m in sel_outcome.failed]
+                deferred += [(f"selection/{n}", m) for n, m in sel_outcome.deferred]
             chosen = select_rates(sel_plan, sel_results, metric=args.metric, mode=args.mode,
                                   select_on=args.select_on)
-            plan, missing = apply_rates(plan, chosen)
-            failed += [(spec.name, "no learning rate selected (no selection run finished)")
-                       for spec in missing]
+            waiting = [spec for spec in sel_plan
+                       if f"selection/{spec.name}" in dict(deferred)]
+            plan, missing = apply_rates(plan, chosen, waiting)
+            late = {(spec.method, spec.rank) for spec in waiting}
+            for spec in missing:
+                if (spec.method, spec.rank) in late:
+                    deferred.append((spec.name, "not started: its learning-rate selection is "
+                                                "not finished (--finish-by)"))
+                else:
+                    failed.append((spec.name,
+                                   "no learning rate selected (no selection run finished)"))
         if args.report_only:
             results = _finished(plan, runs, failed)
         else:
             outcome = run_plan(plan, args.out, metric=args.metric, mode=args.mode,
-                               in_process=args.in_process)
+                               in_process=args.in_process, finish_by=finish_by,
+                               history=sel_results if selecting else ())
             results = outcome.results
             failed += outcome.failed
+            deferred += outcome.deferred
     except PlanMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -246,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "lrs": args.lrs}
     files = write_report(args.out, results, metric=args.metric, mode=args.mode,
                          baseline=args.baseline, header=_header(meta, args.note), meta=meta,
-                         failed=failed, plots=not args.no_plots, selection=chosen,
+                         failed=failed + deferred, plots=not args.no_plots, selection=chosen,
                          reference=reference, holdout_reference=holdout_reference)
     print(f"{len(results)}/{len(plan) + len(missing)} runs finished; report: "
           + ", ".join(str(path) for path in files.values()))
@@ -254,7 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "not finished or not reported" if args.report_only else "failed"
         print(f"{len(failed)} run(s) {what}: " + ", ".join(n for n, _ in failed),
               file=sys.stderr)
-    return 1 if failed and not args.report_only else 0
+    if deferred:
+        print(f"--finish-by {args.finish_by}: {len(deferred)} run(s) not started, expected to "
+              "end too late; run the same command again to continue", file=sys.stderr)
+    if failed and not args.report_only:
+        return 1
+    return EXIT_DEADLINE if deferred else 0
 
 
 def _finished(plan: list, runs: Path, failed: list, prefix: str = "") -> list:

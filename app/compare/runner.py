@@ -10,7 +10,9 @@ from scratch if it has none. A failing run is reported and the others go on.
 Runs go one at a time, or ``jobs`` at once (CPU runs sharing the cores, each with
 ``cores / jobs`` threads; only for runs whose step times are not reported). Stopping (Ctrl-C,
 SIGTERM) is :mod:`app.compare.launch`'s: every run in progress stops with a resumable
-``last.ckpt`` and the comparison waits for them.
+``last.ckpt`` and the comparison waits for them. With ``finish_by``
+(:mod:`app.compare.deadline`) a run starts only if it is expected to end by then; the others
+are left for the next call.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from app.compare.collect import collect_run
+from app.compare.deadline import expected_wall
 from app.compare.launch import Launched, run_in_process, start_subprocess, stop_all, wait_any
 from app.compare.plan import RunSpec
 
@@ -43,11 +46,14 @@ class Outcome:
         results: ``result.json`` contents of the plan's finished runs, in plan order.
         executed: Names of the runs launched by this call.
         failed: ``(name, message)`` of the runs that failed in this call.
+        deferred: ``(name, message)`` of the runs not started because they were not expected
+            to end by ``finish_by``.
     """
 
     results: list[dict[str, Any]] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    deferred: list[tuple[str, str]] = field(default_factory=list)
 
 
 class PlanMismatchError(RuntimeError):
@@ -162,6 +168,7 @@ class _Attempt:
 
 def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
              mode: str = "max", in_process: bool = False, jobs: int = 1,
+             finish_by: float | None = None, history: Sequence[dict[str, Any]] = (),
              echo: Callable[[str], None] = print) -> Outcome:
     """Run every unfinished run of ``plan`` and collect its ``result.json``.
 
@@ -175,6 +182,13 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
         jobs: Runs at once (subprocesses only). Above 1 each gets ``cores / jobs`` torch
             threads and they share the machine, so their step times are not comparable with
             one-at-a-time runs (``result.json`` records ``concurrent_runs``).
+        finish_by: Seconds since the epoch by which every run must have ended: a run is
+            started only if the wall time expected of it
+            (:func:`app.compare.deadline.expected_wall` over ``history``, the plan's finished
+            runs and those of this call) fits; the others go to ``Outcome.deferred``. Without
+            any finished run there is no estimate and the run starts.
+        history: ``result.json`` contents of other finished runs (the selection runs, for
+            the seeds' plan) that inform the expected wall times.
         echo: Where progress lines go.
 
     Raises:
@@ -204,7 +218,15 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
         while queue or running:
             while queue and len(running) < jobs:
                 spec, tag = queue.pop(0)
+                late = _too_late(spec, finish_by,
+                                 [*history, *(r for r in done.values() if r), *outcome.results])
+                if late:
+                    echo(f"{tag}: not started: {late}")
+                    outcome.deferred.append((spec.name, f"not started: {late}"))
+                    continue
                 running.append(_start(spec, tag, runs / spec.name, in_process, threads, echo))
+            if not running:  # every remaining run was deferred
+                break
             ended = wait_any([a.launched for a in running])
             attempt = next(a for a in running if a.launched is ended)
             running.remove(attempt)
@@ -226,6 +248,18 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
     outcome.results = sorted([r for r in done.values() if r] + outcome.results,
                              key=lambda r: order[r["name"]])
     return outcome
+
+
+def _too_late(spec: RunSpec, finish_by: float | None, known: list[dict[str, Any]]) -> str:
+    """Why ``spec`` must not start before ``finish_by`` (empty: it may start)."""
+    if finish_by is None:
+        return ""
+    wall = expected_wall(spec.method, spec.stage, known)
+    left = finish_by - time.time()
+    if wall is None or wall <= left:
+        return ""
+    return (f"expected to take {_duration(wall)}, {_duration(max(left, 0.0))} left before "
+            "--finish-by; run the same command again to continue")
 
 
 def _start(spec: RunSpec, tag: str, run_dir: Path, in_process: bool, threads: int | None,

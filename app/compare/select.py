@@ -193,13 +193,16 @@ def select_rates(selection: Sequence[RunSpec], results: Sequence[dict[str, Any]]
     return out
 
 
-def apply_rates(plan: Sequence[RunSpec], chosen: Sequence[dict[str, Any]]
-                ) -> tuple[list[RunSpec], list[RunSpec]]:
-    """``(runs at their selected rate, runs without one)`` of the final plan."""
+def apply_rates(plan: Sequence[RunSpec], chosen: Sequence[dict[str, Any]],
+                waiting: Sequence[RunSpec] = ()) -> tuple[list[RunSpec], list[RunSpec]]:
+    """``(runs at their selected rate, runs without one)`` of the final plan. A method with
+    selection runs in ``waiting`` (not started yet, e.g. for ``--finish-by``) has no rate
+    yet, whatever its finished rates say: its seeds wait for the whole grid."""
     rates = {(c["method"], c["rank"]): c["selected"] for c in chosen}
+    unsettled = {_key(spec) for spec in waiting}
     ready, missing = [], []
     for spec in plan:
-        lr = rates.get(_key(spec))
+        lr = None if _key(spec) in unsettled else rates.get(_key(spec))
         if lr is None:
             missing.append(spec)
         else:

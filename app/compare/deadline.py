@@ -1,0 +1,115 @@
+"""``--finish-by``: a time by which a comparison must have stopped, for sittings and job limits.
+
+A comparison of many runs outlives a sitting, a batch job's wall-time limit or a shared
+machine's free hours. Stopping it with a signal keeps the interrupted runs resumable, but their
+progress lives in ``last.ckpt`` files that a fresh machine or clone does not have. With a
+deadline the comparison instead starts a run only when it is expected to end in time (the
+wall time of the same method's finished runs of the same stage, else of any finished run), lets
+the runs in progress finish, reports, and exits with :data:`EXIT_DEADLINE`; the same command
+continues later.
+
+    python -m app.compare ... --finish-by 21:30          # today (tomorrow if already past)
+    python -m app.compare ... --finish-by 2h             # or 90m, 1h30m, 45s
+    python -m app.compare ... --finish-by 2026-12-05T21:30
+    python -m app.compare.deadline 2h                    # prints the absolute time (scripts)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["EXIT_DEADLINE", "expected_wall", "parse_finish_by"]
+
+#: Exit status of a comparison that left runs unstarted for its ``--finish-by`` (EX_TEMPFAIL:
+#: nothing failed; run the same command again to continue).
+EXIT_DEADLINE = 75
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+_CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
+
+
+def _usage(text: str, why: str) -> ValueError:
+    return ValueError(f"--finish-by {text!r}: {why}; give a clock time (21:30), an ISO "
+                      "date-time (2026-12-05T21:30) or a duration from now (90m, 2h, 1h30m)")
+
+
+def parse_finish_by(text: str, now: float | None = None) -> float:
+    """The deadline ``text`` names, as seconds since the epoch.
+
+    ``HH:MM`` is local time today, or tomorrow when it has passed; an ISO date-time without a
+    zone is local time and must lie ahead; a duration (``90m``, ``2h``, ``1h30m``, ``45s``)
+    counts from ``now``.
+
+    Raises:
+        ValueError: One line naming the option, the value and the accepted forms.
+    """
+    now = time.time() if now is None else now
+    value = text.strip()
+    match = _DURATION.match(value)
+    if value and match and any(match.groups()):
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        if h * 3600 + m * 60 + s <= 0:
+            raise _usage(text, "the duration is zero")
+        return now + h * 3600 + m * 60 + s
+    local_now = _dt.datetime.fromtimestamp(now).astimezone()
+    clock = _CLOCK.match(value)
+    if clock:
+        hour, minute = int(clock.group(1)), int(clock.group(2))
+        if hour > 23 or minute > 59:
+            raise _usage(text, "not a time of day")
+        when = local_now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if when.timestamp() <= now:
+            when += _dt.timedelta(days=1)
+        return when.timestamp()
+    try:
+        when = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise _usage(text, "not a time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=local_now.tzinfo)
+    if when.timestamp() <= now:
+        raise _usage(text, f"that time has passed (now {local_now.isoformat(timespec='seconds')})")
+    return when.timestamp()
+
+
+def expected_wall(method: str, stage: str, history: Iterable[Mapping[str, Any]]
+                  ) -> float | None:
+    """Expected wall seconds of a run of ``method`` in ``stage`` (``final`` / ``select``):
+    the median ``wall_s`` of the same method's finished runs of that stage, else of that
+    stage's, else of the method's, else of every finished run; ``None`` without any."""
+    runs = [r for r in history if r.get("wall_s")]
+    for keep in (lambda r: r.get("method") == method and r.get("stage", "final") == stage,
+                 lambda r: r.get("stage", "final") == stage,
+                 lambda r: r.get("method") == method,
+                 lambda r: True):
+        walls = [float(r["wall_s"]) for r in runs if keep(r)]
+        if walls:
+            return statistics.median(walls)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m app.compare.deadline WHEN``: print the deadline as an ISO date-time, so a
+    script that starts several comparisons gives them all the same one."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m app.compare.deadline WHEN (21:30, 2026-12-05T21:30, 90m)",
+              file=sys.stderr)
+        return 2
+    try:
+        when = parse_finish_by(args[0])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(_dt.datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
