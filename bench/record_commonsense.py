@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from common import most_common_share, sigterm_passed_to, write_results  # noqa: E402
+from common import machine, most_common_share, sigterm_passed_to, write_results  # noqa: E402
 
 SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
          "openbookqa"]
@@ -196,6 +196,15 @@ def seed_means(results: dict[str, dict]) -> dict[str, dict]:
     return means
 
 
+def recorded() -> dict[str, str]:
+    """When and on which CPU a row was recorded (rows come from several sittings, possibly
+    on different machines, and their ms / step compare only on the same CPU)."""
+    import datetime as dt
+
+    return {"date": dt.datetime.now(dt.timezone.utc).date().isoformat(),
+            "cpu": machine()["cpu"]}
+
+
 def step_ms(run: Path) -> float | None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -284,7 +293,7 @@ def main() -> None:
                     **summary(graded(latest(root / "test"))), "step_ms": step_ms(run),
                     "trainable": trainable, "fit_wall_s": round(fit_wall),
                     "test_wall_s": round(test_wall), "threads": args.threads,
-                    "settings": settings}))
+                    "settings": settings, "recorded": recorded()}))
             results[name] = json.loads(out.read_text())
             if "top_share" not in results[name]:
                 results[name]["top_share"] = top_shares(latest(work / name / "test"))
@@ -341,10 +350,15 @@ def main() -> None:
               "differences, each task weighted 1/7 as in the average; a method's mean row "
               "gives the mean of its seeds' changes and the 95% Student-t interval over "
               "seeds. ms / step is the median "
-              "interval between logged training steps (it includes data loading).",
+              "interval between logged training steps (it includes data loading); compare it "
+              "only between rows recorded on the same CPU.",
               "", f"A CPU-budget run: {args.steps} steps is a tiny fraction of the papers' "
               "3 epochs over commonsense_170k, so these rows show the pipeline end to end and "
               "the direction of the change, not the methods' ranking."]
+    when = [f"{name} {r['recorded']['date']} on {r['recorded']['cpu']}"
+            for name, r in results.items() if r.get("recorded")]
+    if when:
+        lines += ["", "Recorded (UTC date, CPU): " + "; ".join(when) + "."]
     write_results(Path(args.out),
                   {"settings": vars(args), "results": results, "seed_means": means},
                   "\n".join(lines))
