@@ -17,6 +17,7 @@ import pytest
 from tiny import write_yaml
 
 from app.compare import cli, report
+from app.compare.collect import machine
 from app.compare.plan import build_plan
 from app.compare.timing import batch_size_of
 
@@ -120,10 +121,13 @@ def test_two_methods_two_seeds_give_the_expected_table(grid, tiny_ckpt) -> None:
         assert r["optimizer_state_bytes"] >= 8 * expected_trainable
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_source"] == "rss"
         assert r["adapter_bytes"] > 0 and r["drift_max"] is None
+        assert r["machine"] == {k: v for k, v in machine().items()
+                                if k in ("cpu", "gpu", "torch")}
     for png in ("metric.png", "loss.png", "time.png", "memory.png", "paired.png"):
         assert (out / png).read_bytes()[:8] == PNG
     text = "\n".join(lines)
     assert "## Paired differences to `lora`" in text and "| rslora | 2 | 2 |" in text
+    assert "more than one machine" not in text  # one machine: no warning
 
 
 def test_rerun_does_not_redo_finished_runs(grid) -> None:
@@ -299,6 +303,25 @@ def test_statistics_match_a_hand_computation(tmp_path: Path) -> None:
         assert len(list(csv.DictReader(handle))) == len(results)
     for key in ("plot_metric", "plot_loss", "plot_time", "plot_memory"):
         assert files[key].read_bytes()[:8] == PNG
+
+
+def test_step_times_from_several_machines_are_flagged(tmp_path: Path) -> None:
+    """Runs recorded in different sittings may come from different CPUs (seen: one sitting on
+    an AMD EPYC, the next on an Intel Xeon at half the step time): the report says which runs
+    share a machine instead of setting their step times side by side silently."""
+    runs = [_run("lora", 8, 0, 0.80), _run("lora", 8, 1, 0.82), _run("stella", 8, 0, 0.83),
+            _run("stella", 8, 1, 0.84)]
+    for r, cpu in zip(runs, ["AMD EPYC", "Intel Xeon", "AMD EPYC", None]):
+        if cpu:
+            r["machine"] = {"cpu": cpu, "torch": "2.13.0"}
+    text = report.write_report(tmp_path / "mixed", runs, plots=False)["markdown"].read_text()
+    assert ("**The step times come from more than one machine** (runs recorded in different "
+            "sittings): AMD EPYC: lora-8-0, stella-8-0; Intel Xeon: lora-8-1; not recorded: "
+            "stella-8-1.") in text
+    for r in runs:
+        r["machine"] = {"cpu": "Intel Xeon", "gpu": "NVIDIA H200"}
+    text = report.write_report(tmp_path / "one", runs, plots=False)["markdown"].read_text()
+    assert "more than one machine" not in text
 
 
 def test_batch_size_of_nested_batches() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import platform
 import shlex
 import signal
 import sys
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from app.compare.collect import machine
 from app.compare.deadline import EXIT_DEADLINE, parse_finish_by
 from app.compare.launch import Terminated, terminate_on_sigterm
 from app.compare.plan import build_plan, load_fragments
@@ -117,24 +117,6 @@ def _method_path(value: str) -> Path:
     if path.is_file() or path.suffix in (".yaml", ".yml") or "/" in value:
         return path
     return METHODS_DIR / f"{value}.yaml"
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip()
-                   for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads(),
-                            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = shlex.join(["python", "-m", "app.compare",
                           *(a for a in given if a != "--report-only")])
-    meta = {"command": command, "machine": _machine(),
+    meta = {"command": command, "machine": machine(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "report_only": bool(args.report_only),
             "plan": {"base": list(args.base),

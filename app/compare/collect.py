@@ -11,12 +11,40 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["best_and_final", "collect_run", "folder_bytes", "metric_values", "read_scalars"]
+__all__ = ["best_and_final", "collect_run", "folder_bytes", "machine", "machine_label",
+           "metric_values", "read_scalars"]
 
 Curve = list[tuple[int, float]]
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, torch version and threads, Python and GPU (if any) of this machine: each run's
+    ``result.json`` records it, since step times compare only between runs of one machine."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads(),
+                            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_label(result: dict[str, Any]) -> str:
+    """The machine a run's step times come from: its GPU, else its CPU model."""
+    info = result.get("machine") or {}
+    return info.get("gpu") or info.get("cpu") or "not recorded"
 
 
 def read_scalars(run_dir: Path) -> dict[str, Curve]:

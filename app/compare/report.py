@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.compare.collect import metric_values
+from app.compare.collect import machine_label, metric_values
 from app.compare.stats import bootstrap_interval, separable, t_interval
 from app.compare.tables import paired_table, selection_table
 
@@ -265,6 +265,15 @@ def write_csv(results: Sequence[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _machines(results: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """``{machine: [run names]}`` of the reported runs (``not recorded`` for runs collected
+    before ``result.json`` named its machine)."""
+    out: dict[str, list[str]] = {}
+    for result in results:
+        out.setdefault(machine_label(result), []).append(result["name"])
+    return out
+
+
 def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = "val/score",
                  mode: str = "max", baseline: str = "lora", header: str = "",
                  meta: dict[str, Any] | None = None, failed: Sequence[tuple[str, str]] = (),
@@ -316,6 +325,13 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
              "peak memory is CUDA max allocated on GPU, process peak RSS on CPU; adapter size: "
              "the exported weight files (the whole model for full fine-tuning); drift max: the "
              "largest `manifold/drift_max` logged (geometry-aware methods only).\n")
+    machines = _machines(results)
+    if len(machines) > 1:
+        notes += ("\n**The step times come from more than one machine** (runs recorded in "
+                  "different sittings): " + "; ".join(f"{label}: {', '.join(names)}"
+                                                      for label, names in machines.items())
+                  + ". Compare time/step and samples/s only between runs of one machine; "
+                    "rerun the others there for a timing comparison.\n")
     if reference:
         notes += (f"\nNo learning: {reference['description']}; {reference['n_eval']} "
                   "evaluation rows. A method at this score has learned nothing.\n")

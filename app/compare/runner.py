@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.compare.collect import collect_run
+from app.compare.collect import collect_run, machine
 from app.compare.deadline import expected_wall
 from app.compare.launch import Launched, run_in_process, start_subprocess, stop_all, wait_any
 from app.compare.plan import RunSpec
@@ -303,7 +303,10 @@ def _collect(attempt: _Attempt, wall: float, metric: str, mode: str, jobs: int,
               "fingerprint": spec.fingerprint(),
               "command": shlex.join([sys.executable, "-m", "app", *attempt.args]),
               "wall_s": round(sum(a["wall_s"] for a in attempts), 3),
-              "attempts": len(attempts), "concurrent_runs": jobs, **collected}
+              "attempts": len(attempts), "concurrent_runs": jobs,
+              # (the machine whose step times these are; only this process knows it)
+              "machine": {k: v for k, v in machine().items() if k in ("cpu", "gpu", "torch")},
+              **collected}
     _write_json(run_dir / "result.json", result)
     outcome.results.append(result)
     best = result["best"]
