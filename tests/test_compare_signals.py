@@ -27,10 +27,14 @@ TERMINATED = 128 + int(signal.SIGTERM)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 
 
-def signal_ancestor(ancestor: int, once: Path | None = None) -> list[str]:
-    """Options adding a callback that signals the run's ``ancestor``-th parent after step 2."""
+def signal_ancestor(ancestor: int, once: Path | None = None, group: bool = False
+                    ) -> list[str]:
+    """Options adding a callback that signals the run's ``ancestor``-th parent (with
+    ``group``: its whole process group) after step 2."""
     opts = ["--trainer.callbacks+=test_run_guard.SignalAtStep", "--trainer.callbacks.step=2",
             f"--trainer.callbacks.ancestor={ancestor}", "--trainer.callbacks.wait_s=1.0"]
+    if group:  # and a second time, as a script forwarding the signal or a repeated kill does
+        opts += ["--trainer.callbacks.group=true", "--trainer.callbacks.again_s=0.5"]
     return opts + ([f"--trainer.callbacks.once={once}"] if once else [])
 
 
@@ -109,16 +113,23 @@ def test_sigterm_to_the_comparison_alone_stops_parallel_runs_resumably(
         assert got["final"] == pytest.approx(want["final"], abs=1e-6)
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["script-alone", "process-group"])
 def test_sigterm_to_compare_glue_script_stops_its_run_and_starts_no_further_task(
-        tmp_path: Path, tiny_ckpt, glue_dir: Path) -> None:
+        group: bool, tmp_path: Path, tiny_ckpt, glue_dir: Path) -> None:
+    """SIGTERM to the script alone (``kill PID``), or to its whole process group (``kill --
+    -PGID``: the script, the comparison and the run all get it, and the script forwards it
+    to the comparison once more; here the group is signalled twice, half a second apart, so
+    that a second SIGTERM surely reaches the comparison while its run is stopping: it used to
+    take that for "abort" and kill the run before its ``last.ckpt``)."""
     out = tmp_path / "out"
     env = {**ENV, "TASKS": "mrpc stsb", "SMOKE_METHODS": "lora", "OUT": str(out),
            "PYTHON": sys.executable,
            "EXTRA": " ".join([f"--model.init_args.checkpoint={tiny_ckpt('bert')}",
                               f"--data.init_args.data_dir={glue_dir}",
-                              *signal_ancestor(2)])}
+                              *signal_ancestor(2, group=group)])}
     done = subprocess.run(["bash", str(ROOT / "bench/compare_glue.sh"), "--smoke"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)  # its own group, away from pytest's
     assert done.returncode == TERMINATED, done.stdout[-2000:] + done.stderr[-2000:]
     assert "terminated (SIGTERM)" in done.stderr
     run = out / "mrpc" / "selection" / "runs" / "lora-r8-lr0.0005-s0"

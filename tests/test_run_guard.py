@@ -29,17 +29,22 @@ class PoisonAtStep(L.Callback):
 
 class SignalAtStep(L.Callback):
     """Sends a signal right after step ``step``: to this process, or with ``ancestor`` N to
-    its N-th parent (1: the process that launched the run, 2: the one that launched that),
-    then waits ``wait_s`` so that the stop lands mid-run; with ``once`` (a path) only in the
-    first run that gets there, so a rerun with the same options runs through."""
+    its N-th parent (1: the process that launched the run, 2: the one that launched that), or
+    with ``group`` to that process's whole process group (and with ``again_s`` once more after
+    that many seconds), then waits ``wait_s`` so that the stop lands mid-run; with ``once`` (a
+    path) only in the first run that gets there, so a rerun with the same options runs
+    through."""
 
     def __init__(self, step: int, signum: int = int(signal.SIGTERM), ancestor: int = 0,
-                 wait_s: float = 0.0, once: str | None = None) -> None:
+                 wait_s: float = 0.0, once: str | None = None, group: bool = False,
+                 again_s: float | None = None) -> None:
         self.step = step
         self.signum = signum
         self.ancestor = ancestor
         self.wait_s = wait_s
         self.once = once
+        self.group = group  # signal the ancestor's whole process group (kill -- -PGID)
+        self.again_s = again_s  # then the same signal again after this long (a second kill)
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step != self.step:
@@ -51,7 +56,13 @@ class SignalAtStep(L.Callback):
         pid = os.getpid()
         for _ in range(self.ancestor):
             pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        os.kill(pid, self.signum)
+        for repeat in range(1 if self.again_s is None else 2):
+            if repeat:
+                time.sleep(self.again_s)
+            if self.group:
+                os.killpg(os.getpgid(pid), self.signum)
+            else:
+                os.kill(pid, self.signum)
         time.sleep(self.wait_s)
 
 

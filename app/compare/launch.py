@@ -9,7 +9,8 @@ reach the comparison alone (``kill PID``, ``timeout``, a scheduler signalling th
 process), so :func:`terminate_on_sigterm` turns it into :class:`Terminated` and
 :func:`stop_all` passes it on. Every run then stops at the end of its batch with a resumable
 ``last.ckpt`` and the comparison waits for all of them, so no run outlives the comparison; a
-second Ctrl-C (or a run still going after the grace period) kills them.
+second Ctrl-C (or a run still going after the grace period) kills them, a second SIGTERM
+does not (a process-group signal that a script also forwards arrives twice).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,8 @@ def terminate_on_sigterm() -> None:
     """Raise :class:`Terminated` in the main thread when SIGTERM arrives."""
 
     def handler(signum: int, frame: Any) -> None:
+        # once is enough: a second SIGTERM must not interrupt the stopping (see stop_all)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
@@ -121,12 +125,26 @@ def stop_all(running: Sequence[Launched], stop: KeyboardInterrupt) -> None:
     if isinstance(stop, Terminated):
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
+    # Further SIGTERMs while the runs stop change nothing: a signal to the whole process group
+    # reaches the comparison twice when a script also forwards it (bench/compare_glue.sh),
+    # and taking the second one for "abort" killed the runs before their last.ckpt.
+    previous = _ignore_sigterm()
     deadline = time.monotonic() + GRACE_S
     try:
         for proc in procs:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or too slow
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigterm() -> Any:
+    """Ignore SIGTERM in this process (main thread only); the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.SIG_IGN)
