@@ -9,6 +9,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -58,6 +59,22 @@ def write_results(stem: Path, payload: dict[str, Any], markdown: str) -> None:
 def most_common_share(values: list) -> float:
     """Share of ``values`` equal to their most common value (1.0: all the same)."""
     return max(values.count(v) for v in set(values)) / len(values)
+
+
+def paired_change(run: dict, base: dict, tasks: Sequence[str]) -> tuple[float, float]:
+    """Change of the task-averaged accuracy of ``run`` over ``base`` on the same questions,
+    and its 95% half-width (normal approximation of the paired per-question differences, each
+    task weighted ``1 / len(tasks)`` as in the average). Both hold ``"questions"`` (per task,
+    the question indices) and ``"correct"`` (per task, one 0/1 character per question)."""
+    mean, var = 0.0, 0.0
+    for t in tasks:
+        if run["questions"][t] != base["questions"][t]:
+            raise SystemExit(f"{t}: the runs scored different questions; delete and rerun")
+        d = [int(a) - int(b) for a, b in zip(run["correct"][t], base["correct"][t])]
+        m = sum(d) / len(d)
+        mean += m / len(tasks)
+        var += statistics.variance(d) / len(d) / len(tasks) ** 2 if len(d) > 1 else 0.0
+    return mean, 1.96 * var ** 0.5
 
 
 @contextmanager

