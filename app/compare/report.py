@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.compare.claims import CLAIMS, check_claims, claims_table
 from app.compare.collect import machine_label, metric_values
 from app.compare.stats import bootstrap_interval, separable, t_interval
 from app.compare.tables import paired_table, selection_table
@@ -306,12 +307,18 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
               *paired_differences(results, baseline, metric, mode, "final")]
     floor = [*reference_differences(results, baseline, reference, metric, mode, "best"),
              *reference_differences(results, baseline, reference, metric, mode, "final")]
+    stuck = at_floor(results, reference, metric)
+    claims = check_claims(results, [
+        *paired, *(p for b in dict.fromkeys(c.baseline for c in CLAIMS) if b != baseline
+                   for field in ("best", "final")
+                   for p in paired_differences(results, b, metric, mode, field))],
+        stuck, mode=mode)
     files = {"csv": out / "results.csv", "json": out / "results.json",
              "markdown": out / "summary.md"}
     write_csv(results, files["csv"])
     payload = {**(meta or {}), "metric": metric, "mode": mode, "baseline": baseline,
                "reference": reference, "summary": summary, "paired_differences": paired,
-               "reference_differences": floor,
+               "reference_differences": floor, "claims": claims,
                "selection": {"rates": list(selection), "holdout_reference": holdout_reference},
                "failed": [{"name": n, "message": m} for n, m in failed], "runs": list(results)}
     _atomic_text(files["json"], json.dumps(payload, indent=1, allow_nan=False) + "\n")
@@ -335,7 +342,6 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
     if reference:
         notes += (f"\nNo learning: {reference['description']}; {reference['n_eval']} "
                   "evaluation rows. A method at this score has learned nothing.\n")
-        stuck = at_floor(results, reference, metric)
         if stuck:
             notes += ("\n**At the no-learning score at the end of the run** (these rows "
                       "compare nothing; see the selection table for the rates tried): "
@@ -352,6 +358,22 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
                    "(with 3 seeds t = 4.30, so only differences several seed-sds wide "
                    "separate). The first row asks whether the baseline itself is separable "
                    "from the no-learning score.\n")
+    if claims:
+        text += ("\n## The papers' claims at this scale\n\n" + claims_table(claims)
+                 + "\nQuality: the paired Δ = method − baseline over common seeds and its 95% "
+                   "t-interval, judged on the final score (no choice made on the reported "
+                   "split; the best-validation verdict beside it). A claim of a higher score "
+                   "is *reproduced* when the interval lies above 0, *not reproduced* below; a "
+                   "claim of parity (the baseline's score at a saving) is *not reproduced* "
+                   "when the interval lies below 0. *Not separable*: the interval contains "
+                   "0, which is what parity predicts, but a few seeds cannot show "
+                   "equivalence: read the interval's width. Saving: the method's mean over "
+                   "the baseline's (trainable parameters include the trained head, the same "
+                   "in both); it holds when below 1x. Speed: the steps until the method's "
+                   "training loss (trailing mean over a tenth of the run) reaches the "
+                   "baseline's at its last step, over the baseline's own, per seed; it holds "
+                   "when below 1x on every seed. A side at the no-learning score compares "
+                   "nothing (`app/compare/claims.py` lists the claims).\n")
     if selection:
         text += ("\n## Learning-rate selection\n\n" + selection_table(selection,
                                                                      holdout_reference)
