@@ -93,6 +93,9 @@ def test_selection_never_reads_the_reported_dev_set(tmp_path: Path, tiny_ckpt,
     assert (picked["real"]["runs"][0]["val_curves"] != picked["shuffled"]["runs"][0]["val_curves"])
     text = (tmp_path / "real" / "out" / "summary.md").read_text()
     assert "## Learning-rate selection" in text and "| lora | 2 | 1e-05, 0.03 |" in text
+    # The note sizes the held-out noise: 12 rows, one row 1/12, sqrt(0.75 * 0.25 / 12) = 0.125.
+    assert "The held-out slice has 12 rows: for an accuracy one row is 0.0833" in text
+    assert "is 0.125 at p = 0.75" in text
     run = tmp_path / "real" / "out" / "selection" / "runs" / "lora-r2-lr0.03-s0"
     assert (run / "result.json").is_file()
 

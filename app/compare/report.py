@@ -24,7 +24,7 @@ from typing import Any
 from app.compare.claims import CLAIMS, check_claims, claims_table
 from app.compare.collect import machine_label, metric_values
 from app.compare.stats import bootstrap_interval, separable, t_interval
-from app.compare.tables import paired_table, selection_table
+from app.compare.tables import paired_table, selection_note, selection_table
 
 __all__ = ["mean_std", "paired_differences", "summarize", "to_markdown", "write_report"]
 
@@ -377,11 +377,7 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], *, metric: str = 
     if selection:
         text += ("\n## Learning-rate selection\n\n" + selection_table(selection,
                                                                      holdout_reference)
-                 + "\nEach rate ran once on the selection seed, trained on the training set "
-                   "minus a fixed held-out slice and validated on that slice (the dev set is "
-                   f"not read); the rate with the best held-out `{metric}` "
-                   f"({selection[0]['select_on']} value; ties: lower held-out loss, then the "
-                   "smaller rate) is the one every seed ran at.\n")
+                 + selection_note(selection, metric, holdout_reference))
     if failed:
         text += "\nRuns that did not finish:\n\n" + "".join(
             f"- `{name}`: {message}\n" for name, message in failed)

@@ -3,10 +3,11 @@ intervals (:mod:`app.compare.stats`), and the learning-rate selection."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["paired_table", "selection_table"]
+__all__ = ["paired_table", "selection_note", "selection_table"]
 
 
 def _interval(ci: dict[str, Any] | None) -> str:
@@ -73,3 +74,22 @@ def selection_table(chosen: Sequence[dict[str, Any]],
             "n/a" if c["score"] is None else f"{c['score']:.4f}",
             "; ".join(notes) or "-"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def selection_note(chosen: Sequence[dict[str, Any]], metric: str,
+                   reference: dict[str, Any] | None = None) -> str:
+    """What the selection table's numbers are: how a rate was chosen and, with the held-out
+    slice's size, how far apart two held-out accuracies must be to mean anything."""
+    text = ("\nEach rate ran once on the selection seed, trained on the training set minus a "
+            "fixed held-out slice and validated on that slice (the dev set is not read); the "
+            f"rate with the best held-out `{metric}` ({chosen[0]['select_on']} value; ties: "
+            "lower held-out loss, then the smaller rate) is the one every seed ran at.")
+    n = (reference or {}).get("n_eval")
+    if n:
+        text += (f" The held-out slice has {n} rows: for an accuracy one row is {1 / n:.4f}, "
+                 "and its binomial standard error sqrt(p (1 - p) / n) is "
+                 f"{math.sqrt(0.75 * 0.25 / n):.3f} at p = 0.75, so rates a few rows apart "
+                 "are not told apart by one run: the selection reliably avoids rates that "
+                 "fail (the no-learning score), not a fine optimum, and a rate selected at "
+                 "the end of its grid means little when its neighbour is within that noise.")
+    return text + "\n"
