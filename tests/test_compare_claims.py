@@ -71,15 +71,15 @@ def test_verdicts_follow_the_interval_and_the_claim(tmp_path: Path) -> None:
     row = _row(text, "| `stella` better than `lora` |")
     assert "| +0.0300 [+0.0300, +0.0300] (n=3) |" in row and "| reproduced | reproduced |" in row
     row = _row(text, "| `asymmetric` matches `lora` |")
-    assert "| not separable |" in row and "trainable 0.80x (holds)" in row
+    assert "| not separable |" in row and "trainable 0.800x (-200; holds)" in row
 
 
 def test_a_claim_is_judged_against_its_own_baseline(tmp_path: Path) -> None:
     # The table's baseline is lora; GaRare's claim is against GaLore, and both against full.
     results = _runs("lora", (0.70, 0.71, 0.72))
-    results += _runs("galore", (0.80, 0.81, 0.82), optimizer_state_bytes=100.0)
-    results += _runs("garare", (0.79, 0.80, 0.81), optimizer_state_bytes=60.0)
-    results += _runs("full", (0.75, 0.83, 0.80), rank=None, optimizer_state_bytes=300.0)
+    results += _runs("galore", (0.80, 0.81, 0.82), optimizer_state_bytes=100.0 * 2**20)
+    results += _runs("garare", (0.79, 0.80, 0.81), optimizer_state_bytes=60.0 * 2**20)
+    results += _runs("full", (0.75, 0.83, 0.80), rank=None, optimizer_state_bytes=300.0 * 2**20)
     claims, text = _claims(tmp_path, results)
     by = {(c["method"], c["baseline"]): c for c in claims}
     garare = by[("garare", "galore")]
@@ -92,8 +92,10 @@ def test_a_claim_is_judged_against_its_own_baseline(tmp_path: Path) -> None:
     assert vs_full["final"]["diffs"] == pytest.approx([0.04, -0.03, 0.01])
     assert vs_full["quality"] == "not separable"
     assert vs_full["cost"]["ratio"] == pytest.approx(0.2)
-    assert "| `garare` r8 matches `full` |" in text
-    assert "optimizer state 0.60x (holds)" in _row(text, "| `garare` matches `galore` |")
+    row = _row(text, "| `garare` r8 matches `full` |")
+    assert "optimizer state 0.200x (-240.0 MiB; holds)" in row
+    row = _row(text, "| `garare` matches `galore` |")
+    assert "optimizer state 0.600x (-40.0 MiB; holds)" in row
     # The main table still pairs with lora.
     assert "| garare | 8 | 0.001 | 3 |" in text and "Δ best vs lora" in text
 

@@ -228,13 +228,26 @@ def _diff(pair: dict[str, Any] | None) -> str:
 _COST_NAMES = {"optimizer_state_bytes": "optimizer state", "trainable_params": "trainable"}
 
 
+def _amount(field: str, value: float) -> str:
+    """A signed difference of ``field`` in its unit: bytes in KiB / MiB, counts in full."""
+    if not field.endswith("_bytes"):
+        return f"{value:+,.0f}"
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:+,.1f} {unit}"
+    return f"{value:+,.0f} B"
+
+
 def _cost(cost: dict[str, Any] | None) -> str:
     if not cost:
         return "-"
     name = _COST_NAMES.get(cost["field"], cost["field"])
     if cost["ratio"] is None:
         return f"{name}: n/a"
-    return f"{name} {cost['ratio']:.2f}x ({'holds' if cost['holds'] else 'does not hold'})"
+    # Three decimals and the difference itself: a small saving must not read as 1.00x.
+    return (f"{name} {cost['ratio']:.3f}x ("
+            f"{_amount(cost['field'], cost['method'] - cost['baseline'])}; "
+            f"{'holds' if cost['holds'] else 'does not hold'})")
 
 
 def _speed_cell(speed: dict[str, Any] | None) -> str:
