@@ -22,7 +22,7 @@ from app.compare.select import (
     select_rates,
     selection_plan,
 )
-from app.compare.tables import selection_table
+from app.compare.tables import score_se, selection_note, selection_table
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -174,6 +174,40 @@ def test_grid_errors_and_tie_breaks(tmp_path: Path) -> None:
     row = selection_table(chosen).splitlines()[-1]
     assert "0.8000, 0.7000, not finished" in row and "some rates did not finish" in row
     assert "failed" not in row
+
+
+def test_selection_table_says_when_the_optimum_may_lie_beyond_the_grid() -> None:
+    def chosen(scores: list[float]) -> dict:
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        grid = [2e-4, 5e-4, 1e-3]
+        return {"method": "pissa", "rank": "8", "grid": grid, "scores": scores,
+                "selected": grid[best], "score": scores[best], "complete": True,
+                "edge": {0: "lower", 2: "upper"}.get(best), "metric": "val/score",
+                "select_on": "final"}
+
+    majority = {"kind": "majority", "description": "d", "n_eval": 367, "headline": "accuracy",
+                "metrics": {"val/score": 0.6894}}
+    # v2 MRPC PiSSA: 290/367 at 1e-3 against 279/367 at 5e-4 (11 rows, 0.0300); the binomial
+    # SE at p = 290/367 is sqrt(0.7902 * 0.2098 / 367) = 0.0213 < 0.0300: flagged.
+    row = selection_table([chosen([0.7166, 0.7602, 0.7902])], majority).splitlines()[-1]
+    assert "at the upper end of the grid; beats 0.0005 by 0.0300, more than one standard " \
+           "error (0.021): a rate above the grid may do better" in row
+    # 2 rows apart (0.0054) is within the noise: only the edge is noted.
+    row = selection_table([chosen([0.7629, 0.7575, 0.6894])], majority).splitlines()[-1]
+    assert row.endswith("| 0.0002 | 0.7629 | at the lower end of the grid |")
+    # Pearson on 575 rows: SE (1 - 0.85^2) / sqrt(574) = 0.01158; 0.85 - 0.83 = 0.02 > SE.
+    pearson = dict(majority, kind="constant", n_eval=575, headline="pearson")
+    assert score_se("pearson", 0.85, 575) == pytest.approx(0.2775 / 574 ** 0.5)
+    row = selection_table([chosen([0.85, 0.83, 0.80])], pearson).splitlines()[-1]
+    assert "beats 0.0005 by 0.0200, more than one standard error (0.012): a rate below" in row
+    # A metric without a standard error here (MCC), or no held-out size: no claim is made.
+    assert score_se("mcc", 0.5, 500) is None
+    mcc = dict(majority, headline="mcc")
+    assert "beats" not in selection_table([chosen([0.85, 0.60, 0.50])], mcc)
+    assert "beats" not in selection_table([chosen([0.85, 0.60, 0.50])])
+    note = selection_note([chosen([0.85, 0.83, 0.80])], "val/score", pearson)
+    assert "The held-out slice has 575 rows: the standard error of a Pearson correlation" in note
+    assert "is 0.012 at r = 0.85" in note and "for an accuracy" not in note
 
 
 @pytest.mark.parametrize("args, message", [

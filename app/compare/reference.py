@@ -54,7 +54,8 @@ def chance_reference(config: dict[str, Any], root: Path | None = None,
 
     Returns:
         ``{"kind", "task", "metrics": {"val/score", "val/<metric>", ...}, "train_loss",
-        "n_eval", "description"}``, or ``None`` when the data are not local GLUE files.
+        "n_eval", "headline" (the metric ``val/score`` is), "description"}``, or ``None``
+        when the data are not local GLUE files.
     """
     from app.data.glue_formats import get_task, local_split_files, read_glue_tsv
 
@@ -83,7 +84,7 @@ def chance_reference(config: dict[str, Any], root: Path | None = None,
         variance = sum((y - mean) ** 2 for y in train) / len(train)
         metrics = {"val/pearson": 0.0, "val/spearman": 0.0, "val/score": 0.0}
         return {"kind": "constant", "task": task.name, "metrics": metrics,
-                "train_loss": variance, "n_eval": len(labels),
+                "train_loss": variance, "n_eval": len(labels), "headline": task.headline,
                 "description": f"constant prediction (train mean {mean:.3f}): no correlation, "
                                "shown as 0"}
     counts = Counter(train)
@@ -93,6 +94,6 @@ def chance_reference(config: dict[str, Any], root: Path | None = None,
     entropy = -sum(c / len(train) * math.log(c / len(train)) for c in counts.values())
     name = task.label_names[majority] if task.label_names else str(majority)
     return {"kind": "majority", "task": task.name, "metrics": metrics, "train_loss": entropy,
-            "n_eval": len(labels),
+            "n_eval": len(labels), "headline": task.headline,
             "description": f"majority class of the training set ({name!r}, "
                            f"{counts[majority] / len(train):.1%} of it) predicted everywhere"}

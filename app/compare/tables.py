@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["paired_table", "selection_note", "selection_table"]
+__all__ = ["paired_table", "score_se", "selection_note", "selection_table"]
 
 
 def _interval(ci: dict[str, Any] | None) -> str:
@@ -57,6 +57,7 @@ def selection_table(chosen: Sequence[dict[str, Any]],
     if score is not None:
         lines.append(f"| *{reference['kind']} (no learning)* | - | - | - | - | {score:.4f} | "
                      f"{reference['description']} |")
+    n = (reference or {}).get("n_eval")
     for c in chosen:
         grid = ", ".join(f"{v:.2g}" for v in c["grid"])
         # no result: failed, diverged or not run yet (the list under the tables says which)
@@ -64,6 +65,9 @@ def selection_table(chosen: Sequence[dict[str, Any]],
         notes = []
         if c["edge"]:
             notes.append(f"at the {c['edge']} end of the grid")
+            beyond = _beyond_grid(c, _headline(reference), n)
+            if beyond:
+                notes.append(beyond)
         if not c["complete"]:
             notes.append("some rates did not finish")
         if score is not None and c["score"] is not None and abs(c["score"] - score) < 1e-9:
@@ -85,11 +89,57 @@ def selection_note(chosen: Sequence[dict[str, Any]], metric: str,
             f"rate with the best held-out `{metric}` ({chosen[0]['select_on']} value; ties: "
             "lower held-out loss, then the smaller rate) is the one every seed ran at.")
     n = (reference or {}).get("n_eval")
-    if n:
-        text += (f" The held-out slice has {n} rows: for an accuracy one row is {1 / n:.4f}, "
-                 "and its binomial standard error sqrt(p (1 - p) / n) is "
-                 f"{math.sqrt(0.75 * 0.25 / n):.3f} at p = 0.75, so rates a few rows apart "
-                 "are not told apart by one run: the selection reliably avoids rates that "
-                 "fail (the no-learning score), not a fine optimum, and a rate selected at "
-                 "the end of its grid means little when its neighbour is within that noise.")
+    headline = _headline(reference)
+    if n and headline in ("accuracy", "pearson"):
+        if headline == "accuracy":
+            size = (f"for an accuracy one row is {1 / n:.4f}, and its binomial standard error "
+                    f"sqrt(p (1 - p) / n) is {score_se(headline, 0.75, n):.3f} at p = 0.75")
+        else:
+            size = ("the standard error of a Pearson correlation, about (1 - r^2) / "
+                    f"sqrt(n - 1), is {score_se(headline, 0.85, n):.3f} at r = 0.85")
+        text += (f" The held-out slice has {n} rows: {size}, so rates whose scores are that "
+                 "close are not told apart by one run: the selection reliably avoids rates "
+                 "that fail (the no-learning score), not a fine optimum, and a rate selected "
+                 "at the end of its grid means little when its neighbour is within that "
+                 "noise (the note says when it is not: then a rate beyond the grid may do "
+                 "better).")
+    elif n:
+        text += (f" The held-out slice has {n} rows; one run per rate tells apart rates that "
+                 "fail from rates that learn, not a fine optimum.")
     return text + "\n"
+
+
+def _headline(reference: dict[str, Any] | None) -> str | None:
+    """The task's headline metric (``val/score``), as the no-learning reference states it."""
+    if not reference:
+        return None
+    return reference.get("headline", "accuracy" if reference.get("kind") == "majority"
+                         else None)
+
+
+def score_se(headline: str | None, score: float, n: int) -> float | None:
+    """Standard error of one held-out score of ``n`` rows: binomial for an accuracy,
+    ``(1 - r^2) / sqrt(n - 1)`` for a Pearson correlation; ``None`` for other metrics."""
+    if n < 2 or not math.isfinite(score):
+        return None
+    if headline == "accuracy" and 0.0 <= score <= 1.0:
+        return math.sqrt(score * (1.0 - score) / n)
+    if headline == "pearson" and -1.0 <= score <= 1.0:
+        return (1.0 - score * score) / math.sqrt(n - 1)
+    return None
+
+
+def _beyond_grid(c: dict[str, Any], headline: str | None, n: int | None) -> str | None:
+    """When the rate selected at the end of the grid beats its neighbour by more than one
+    standard error of the held-out score, say so: the optimum may lie beyond the grid."""
+    if not n or c["selected"] is None or len(c["grid"]) < 2:
+        return None
+    i = c["grid"].index(c["selected"])
+    j = 1 if i == 0 else len(c["grid"]) - 2
+    neighbour, score = c["scores"][j], c["score"]
+    se = score_se(headline, score, n) if neighbour is not None else None
+    if se is None or abs(score - neighbour) <= se:
+        return None
+    side = "below" if i == 0 else "above"
+    return (f"beats {c['grid'][j]:.2g} by {abs(score - neighbour):.4f}, more than one standard "
+            f"error ({se:.3f}): a rate {side} the grid may do better")
