@@ -124,6 +124,18 @@ def has_callback(config: dict[str, Any], name: str) -> bool:
 
 
 def _digest(path: Path) -> str:
+    """What a config file says, not how: its parsed YAML, so that a comment (where the house
+    style puts each fragment's reasons), key order or layout does not make a finished run
+    another run. A file that is not YAML is taken byte for byte."""
+    try:
+        text = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, default=str)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return _file_digest(path)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    """The file's bytes: how fingerprints were recorded before :func:`_digest` parsed them."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -169,18 +181,25 @@ class RunSpec:
         """The rank as shown in tables: the number, or ``-``."""
         return "-" if self.rank is None else str(self.rank)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What makes two runs the same run: config contents, rank, seed, options, warm-up."""
-        out = {"configs": [_digest(p) for p in self.configs], "method": self.method,
+    def fingerprint(self, legacy: bool = False) -> dict[str, Any]:
+        """What makes two runs the same run: config contents, rank, seed, options, warm-up.
+        ``legacy``: with the configs hashed byte for byte, as runs recorded before were."""
+        digest = _file_digest if legacy else _digest
+        out = {"configs": [digest(p) for p in self.configs], "method": self.method,
                "rank": self.rank, "seed": self.seed, "options": list(self.options),
                "warmup_steps": self.warmup_steps}
         if self.lr is not None or self.stage != "final":  # runs recorded before: unchanged
             out.update(lr=self.lr, stage=self.stage)
         return out
 
-    def fingerprint_key(self) -> str:
-        """The fingerprint as a stable string."""
-        return json.dumps(self.fingerprint(), sort_keys=True)
+    def recorded_as(self, stored: dict[str, Any] | None) -> str | None:
+        """Whether a recorded fingerprint is this run's: ``"current"``, ``"legacy"`` (recorded
+        byte for byte, the files unchanged since), or ``None`` (another run)."""
+        if stored is None:
+            return None
+        if stored == self.fingerprint():
+            return "current"
+        return "legacy" if stored == self.fingerprint(legacy=True) else None
 
 
 def build_plan(base: Sequence[str | Path], methods: Sequence[str | Path], seeds: Sequence[int],

@@ -105,10 +105,14 @@ def finished_result(spec: RunSpec, run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    if result.get("fingerprint") != spec.fingerprint():
+    recorded = spec.recorded_as(result.get("fingerprint"))
+    if recorded is None:
         raise PlanMismatchError(
             f"{run_dir} was finished with other settings (configs, rank, seed, extra arguments "
             "or warm-up steps changed); use another --out folder or delete that run folder")
+    if recorded == "legacy":  # same run: record the fingerprint that survives comment edits
+        result["fingerprint"] = spec.fingerprint()
+        _write_json(path, result)
     return result
 
 
@@ -119,7 +123,9 @@ def _prepare(spec: RunSpec, run_dir: Path) -> tuple[Path | None, dict[str, Any]]
     state: dict[str, Any] = {}
     if spec_path.is_file():
         state = json.loads(spec_path.read_text())
-    same = state.get("fingerprint") == spec.fingerprint()
+    same = spec.recorded_as(state.get("fingerprint")) is not None
+    if same:
+        state["fingerprint"] = spec.fingerprint()
     if not same or not last.is_file():
         # Nothing to resume (crashed before the first checkpoint) or another run's leftovers.
         shutil.rmtree(run_dir, ignore_errors=True)
