@@ -132,14 +132,11 @@ def score_se(headline: str | None, score: float, n: int) -> float | None:
 def _beyond_grid(c: dict[str, Any], headline: str | None, n: int | None) -> str | None:
     """When the rate selected at the end of the grid beats its neighbour by more than one
     standard error of the held-out score, say so: the optimum may lie beyond the grid."""
-    if not n or c["selected"] is None or len(c["grid"]) < 2:
-        return None
-    i = c["grid"].index(c["selected"])
-    j = 1 if i == 0 else len(c["grid"]) - 2
+    j = 1 if c["edge"] == "lower" else -2  # the rate next to the selected end
     neighbour, score = c["scores"][j], c["score"]
-    se = score_se(headline, score, n) if neighbour is not None else None
+    se = score_se(headline, score, n) if n and neighbour is not None else None
     if se is None or abs(score - neighbour) <= se:
         return None
-    side = "below" if i == 0 else "above"
+    side = "below" if c["edge"] == "lower" else "above"
     return (f"beats {c['grid'][j]:.2g} by {abs(score - neighbour):.4f}, more than one standard "
             f"error ({se:.3f}): a rate {side} the grid may do better")
