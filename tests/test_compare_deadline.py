@@ -60,6 +60,26 @@ def test_expected_wall_prefers_the_same_method_and_stage() -> None:
     assert expected_wall("lora", "select", []) is None
 
 
+def test_expected_wall_prefers_this_machines_runs() -> None:
+    """A comparison resumed on a machine four times slower judges its runs by that machine's
+    own finished runs, even another method's, before the fast machine's runs of the method;
+    a machine without any runs yet falls back to every machine's."""
+    fast, slow = {"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}
+    history = [{"method": "lora", "stage": "select", "wall_s": 560.0, "machine": fast},
+               {"method": "lora", "stage": "select", "wall_s": 580.0, "machine": fast},
+               {"method": "dora", "stage": "select", "wall_s": 2250.0, "machine": slow},
+               {"method": "full", "stage": "select", "wall_s": 2600.0, "machine": slow},
+               {"method": "lora", "stage": "final", "wall_s": 300.0, "machine": fast}]
+    assert expected_wall("lora", "select", history) == 570.0  # without a host: every run's
+    assert expected_wall("lora", "select", history, host="Intel Xeon") == 570.0
+    assert expected_wall("lora", "select", history, host="AMD EPYC") == 2425.0  # stage's here
+    assert expected_wall("full", "select", history, host="AMD EPYC") == 2600.0
+    assert expected_wall("lora", "final", history, host="AMD EPYC") == 2425.0  # anything here
+    assert expected_wall("lora", "final", history, host="Apple M2") == 300.0  # nothing here
+    assert expected_wall("lora", "select", [{"method": "lora", "stage": "select",
+                                            "wall_s": 60.0}], host="AMD EPYC") == 60.0
+
+
 def test_deadline_script_helper_prints_one_absolute_time() -> None:
     """``python -m app.compare.deadline 2h`` (what bench/compare_glue.sh calls once, so every
     task's comparison gets the same deadline) prints an ISO time about 2 h ahead."""
@@ -83,8 +103,13 @@ def test_runs_expected_to_end_late_are_left_for_the_next_call(
     not started, the seed does not run at a rate chosen from half the grid, the report says
     so and the exit status is 75. The same command without the deadline then runs exactly
     the two runs left."""
-    monkeypatch.setattr(runner, "expected_wall",
-                        lambda method, stage, known: 600.0 if known else None)
+    hosts: list[str | None] = []
+
+    def forced(method: str, stage: str, known: list, host: str | None = None) -> float | None:
+        hosts.append(host)
+        return 600.0 if known else None
+
+    monkeypatch.setattr(runner, "expected_wall", forced)
     base = _base(tmp_path, tiny_ckpt("bert"), glue_dir)
     out = tmp_path / "out"
     args = ["--base", str(base), "--methods", "lora", "--seeds", "0", "--ranks", "2",
@@ -92,6 +117,7 @@ def test_runs_expected_to_end_late_are_left_for_the_next_call(
             "--out", str(out), "--warmup-steps", "1"]
     code, printed = _compare(*args, "--finish-by", "5m")
     assert code == EXIT_DEADLINE, printed[-3000:]
+    assert hosts and set(hosts) == {runner.machine_label({"machine": runner.machine()})}
     sel = out / "selection" / "runs"
     assert (sel / "lora-r2-lr1e-05-s0" / "result.json").is_file()
     assert not (sel / "lora-r2-lr0.03-s0").exists()  # never started, nothing written

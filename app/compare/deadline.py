@@ -4,9 +4,9 @@ A comparison of many runs outlives a sitting, a batch job's wall-time limit or a
 machine's free hours. Stopping it with a signal keeps the interrupted runs resumable, but their
 progress lives in ``last.ckpt`` files that a fresh machine or clone does not have. With a
 deadline the comparison instead starts a run only when it is expected to end in time (the
-wall time of the same method's finished runs of the same stage, else of any finished run), lets
-the runs in progress finish, reports, and exits with :data:`EXIT_DEADLINE`; the same command
-continues later.
+wall time of the same method's finished runs of the same stage on this machine, else of any
+finished run on it, else of the runs of other machines), lets the runs in progress finish,
+reports, and exits with :data:`EXIT_DEADLINE`; the same command continues later.
 
     python -m app.compare ... --finish-by 21:30          # today (tomorrow if already past)
     python -m app.compare ... --finish-by 2h             # or 90m, 1h30m, 45s
@@ -23,6 +23,8 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from app.compare.collect import machine_label
 
 __all__ = ["EXIT_DEADLINE", "expected_wall", "parse_finish_by"]
 
@@ -78,19 +80,26 @@ def parse_finish_by(text: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
-def expected_wall(method: str, stage: str, history: Iterable[Mapping[str, Any]]
-                  ) -> float | None:
+def expected_wall(method: str, stage: str, history: Iterable[Mapping[str, Any]],
+                  host: str | None = None) -> float | None:
     """Expected wall seconds of a run of ``method`` in ``stage`` (``final`` / ``select``):
     the median ``wall_s`` of the same method's finished runs of that stage, else of that
-    stage's, else of the method's, else of every finished run; ``None`` without any."""
+    stage's, else of the method's, else of every finished run; ``None`` without any.
+
+    With ``host`` (this machine's :func:`app.compare.collect.machine_label`) the runs recorded
+    on that machine are searched first, in the same order, and the other machines' runs only
+    when it has none: a comparison that moves between machines (one CPU model runs the same
+    run four times as fast as another) must not judge its runs by the other machine's."""
     runs = [r for r in history if r.get("wall_s")]
-    for keep in (lambda r: r.get("method") == method and r.get("stage", "final") == stage,
-                 lambda r: r.get("stage", "final") == stage,
-                 lambda r: r.get("method") == method,
-                 lambda r: True):
-        walls = [float(r["wall_s"]) for r in runs if keep(r)]
-        if walls:
-            return statistics.median(walls)
+    here = [r for r in runs if host is not None and machine_label(dict(r)) == host]
+    for pool in (here, runs):
+        for keep in (lambda r: r.get("method") == method and r.get("stage", "final") == stage,
+                     lambda r: r.get("stage", "final") == stage,
+                     lambda r: r.get("method") == method,
+                     lambda r: True):
+            walls = [float(r["wall_s"]) for r in pool if keep(r)]
+            if walls:
+                return statistics.median(walls)
     return None
 
 

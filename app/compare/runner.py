@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.compare.collect import collect_run, machine
+from app.compare.collect import collect_run, machine, machine_label
 from app.compare.deadline import expected_wall
 from app.compare.launch import Launched, run_in_process, start_subprocess, stop_all, wait_any
 from app.compare.plan import RunSpec
@@ -191,8 +191,9 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
         finish_by: Seconds since the epoch by which every run must have ended: a run is
             started only if the wall time expected of it
             (:func:`app.compare.deadline.expected_wall` over ``history``, the plan's finished
-            runs and those of this call) fits; the others go to ``Outcome.deferred``. Without
-            any finished run there is no estimate and the run starts.
+            runs and those of this call, this machine's first) fits; the others go to
+            ``Outcome.deferred``. Without any finished run there is no estimate and the run
+            starts.
         history: ``result.json`` contents of other finished runs (the selection runs, for
             the seeds' plan) that inform the expected wall times.
         echo: Where progress lines go.
@@ -211,6 +212,7 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
          f"{len(todo)} to run -> {out}" + (f", {jobs} at a time" if jobs > 1 else ""))
     threads = max(1, _cores() // jobs) if jobs > 1 else None
     outcome, durations = Outcome(), []
+    host = machine_label({"machine": machine()}) if finish_by is not None else None
     width = len(str(len(plan)))
     queue: list[tuple[RunSpec, str]] = []
     for index, spec in enumerate(plan, 1):
@@ -224,7 +226,7 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
         while queue or running:
             while queue and len(running) < jobs:
                 spec, tag = queue.pop(0)
-                late = _too_late(spec, finish_by,
+                late = _too_late(spec, finish_by, host,
                                  [*history, *(r for r in done.values() if r), *outcome.results])
                 if late:
                     echo(f"{tag}: not started: {late}")
@@ -256,11 +258,12 @@ def run_plan(plan: Sequence[RunSpec], out: Path, *, metric: str = "val/score",
     return outcome
 
 
-def _too_late(spec: RunSpec, finish_by: float | None, known: list[dict[str, Any]]) -> str:
+def _too_late(spec: RunSpec, finish_by: float | None, host: str | None,
+              known: list[dict[str, Any]]) -> str:
     """Why ``spec`` must not start before ``finish_by`` (empty: it may start)."""
     if finish_by is None:
         return ""
-    wall = expected_wall(spec.method, spec.stage, known)
+    wall = expected_wall(spec.method, spec.stage, known, host=host)
     left = finish_by - time.time()
     if wall is None or wall <= left:
         return ""
