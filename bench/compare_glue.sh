@@ -48,8 +48,8 @@
 #   SST-2 (optional): 3 epochs over a fixed 6,400-sentence sample of its training set (1,200
 #   steps).
 #   CPU time (2 quiet cores; the first v2 MRPC selection runs took 8-10 min each on 2
-#   threads, 0.80 s per step for LoRA-type methods, DoRA 15 min): about 12 h for MRPC (43
-#   selection runs, two at a time, + 39 seed runs) and 20 h for STS-B (1.56x the steps),
+#   threads, 0.80 s per step for LoRA-type methods, DoRA 15 min): about 12 h for MRPC (45
+#   selection runs, two at a time, + 42 seed runs) and 20 h for STS-B (1.56x the steps),
 #   over many sittings.
 #   GPU: the same protocol, bf16-mixed.
 #
