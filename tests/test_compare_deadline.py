@@ -55,9 +55,29 @@ def test_expected_wall_prefers_the_same_method_and_stage() -> None:
     assert expected_wall("lora", "select", history) == 110.0  # median, not mean
     assert expected_wall("dora", "final", history) == 500.0
     assert expected_wall("stella", "select", history) == pytest.approx(205.0)  # stage's
-    assert expected_wall("lora", "final", history) == 275.0  # the stage's: dora, full
+    # the final stage's median (dora, full: 275) times lora's cost in selection (110 / 205)
+    assert expected_wall("lora", "final", history) == pytest.approx(275.0 * 110.0 / 205.0)
     assert expected_wall("pissa", "other", history) == 205.0  # everything
     assert expected_wall("lora", "select", []) is None
+
+
+def test_a_methods_first_run_of_a_stage_is_scaled_by_its_cost_in_the_other() -> None:
+    """GaRare's selection runs took 1.3 times the selection median, so its first seed run is
+    expected to take 1.3 times the seed median: the plain median let a 12-minute run start
+    with 9 minutes left before a sitting's deadline."""
+    history = [{"method": m, "stage": "select", "wall_s": w}
+               for m, w in (("lora", 740.0), ("lora", 750.0), ("dora", 745.0),
+                            ("garare", 960.0), ("garare", 980.0), ("full", 700.0))]
+    history += [{"method": m, "stage": "final", "wall_s": w}
+                for m, w in (("lora", 550.0), ("dora", 560.0), ("full", 540.0))]
+    select_median = 747.5  # of the six selection runs
+    assert expected_wall("garare", "final", history) == pytest.approx(550.0 * 970.0 / select_median)
+    assert expected_wall("garare", "final", history) > 700.0
+    assert expected_wall("stella", "final", history) == 550.0  # no runs anywhere: the median
+    assert expected_wall("lora", "final", history) == 550.0  # its own runs of the stage
+    # a stage with none of the method's runs in any other stage is not scaled
+    only_final = [r for r in history if r["stage"] == "final"]
+    assert expected_wall("garare", "final", only_final) == 550.0
 
 
 def test_expected_wall_prefers_this_machines_runs() -> None:

@@ -4,8 +4,9 @@ A comparison of many runs outlives a sitting, a batch job's wall-time limit or a
 machine's free hours. Stopping it with a signal keeps the interrupted runs resumable, but their
 progress lives in ``last.ckpt`` files that a fresh machine or clone does not have. With a
 deadline the comparison instead starts a run only when it is expected to end in time (the
-wall time of the same method's finished runs of the same stage on this machine, else of any
-finished run on it, else of the runs of other machines), lets the runs in progress finish,
+wall time of the same method's finished runs of the same stage on this machine, else the
+stage's scaled by the method's relative cost in the other stage, else of any finished run on
+it, else of the runs of other machines), lets the runs in progress finish,
 reports, and exits with :data:`EXIT_DEADLINE`; the same command continues later.
 
     python -m app.compare ... --finish-by 21:30          # today (tomorrow if already past)
@@ -83,8 +84,11 @@ def parse_finish_by(text: str, now: float | None = None) -> float:
 def expected_wall(method: str, stage: str, history: Iterable[Mapping[str, Any]],
                   host: str | None = None) -> float | None:
     """Expected wall seconds of a run of ``method`` in ``stage`` (``final`` / ``select``):
-    the median ``wall_s`` of the same method's finished runs of that stage, else of that
-    stage's, else of the method's, else of every finished run; ``None`` without any.
+    the median ``wall_s`` of the same method's finished runs of that stage; else that stage's
+    median scaled by the method's relative cost in the other stages (its median over their
+    median: GaRare's selection runs took 1.3 times the selection median, so its first seed
+    run is expected to take 1.3 times the seed median, not the median); else the method's;
+    else every finished run's; ``None`` without any.
 
     With ``host`` (this machine's :func:`app.compare.collect.machine_label`) the runs recorded
     on that machine are searched first, in the same order, and the other machines' runs only
@@ -93,14 +97,35 @@ def expected_wall(method: str, stage: str, history: Iterable[Mapping[str, Any]],
     runs = [r for r in history if r.get("wall_s")]
     here = [r for r in runs if host is not None and machine_label(dict(r)) == host]
     for pool in (here, runs):
-        for keep in (lambda r: r.get("method") == method and r.get("stage", "final") == stage,
-                     lambda r: r.get("stage", "final") == stage,
-                     lambda r: r.get("method") == method,
-                     lambda r: True):
+        same = [float(r["wall_s"]) for r in pool
+                if r.get("method") == method and _stage(r) == stage]
+        if same:
+            return statistics.median(same)
+        staged = [float(r["wall_s"]) for r in pool if _stage(r) == stage]
+        if staged:
+            return statistics.median(staged) * _relative_cost(method, stage, pool)
+        for keep in (lambda r: r.get("method") == method, lambda r: True):
             walls = [float(r["wall_s"]) for r in pool if keep(r)]
             if walls:
                 return statistics.median(walls)
     return None
+
+
+def _stage(run: Mapping[str, Any]) -> Any:
+    return run.get("stage", "final")  # results from before stages were final runs
+
+
+def _relative_cost(method: str, stage: str, pool: list[Mapping[str, Any]]) -> float:
+    """The median, over the other stages where ``method`` has finished runs, of its median
+    wall time there divided by that stage's median; 1.0 where it has none."""
+    ratios = []
+    for other in sorted({str(_stage(r)) for r in pool} - {stage}):
+        everyone = [float(r["wall_s"]) for r in pool if str(_stage(r)) == other]
+        mine = [float(r["wall_s"]) for r in pool
+                if str(_stage(r)) == other and r.get("method") == method]
+        if mine:
+            ratios.append(statistics.median(mine) / statistics.median(everyone))
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
