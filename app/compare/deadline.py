@@ -119,10 +119,10 @@ def _relative_cost(method: str, stage: str, pool: list[Mapping[str, Any]]) -> fl
     """The median, over the other stages where ``method`` has finished runs, of its median
     wall time there divided by that stage's median; 1.0 where it has none."""
     ratios = []
-    for other in sorted({str(_stage(r)) for r in pool} - {stage}):
-        everyone = [float(r["wall_s"]) for r in pool if str(_stage(r)) == other]
+    for other in {_stage(r) for r in pool} - {stage}:
+        everyone = [float(r["wall_s"]) for r in pool if _stage(r) == other]
         mine = [float(r["wall_s"]) for r in pool
-                if str(_stage(r)) == other and r.get("method") == method]
+                if _stage(r) == other and r.get("method") == method]
         if mine:
             ratios.append(statistics.median(mine) / statistics.median(everyone))
     return statistics.median(ratios) if ratios else 1.0
