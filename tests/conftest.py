@@ -31,14 +31,16 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
-    """``tiny_ckpt(arch)`` -> folder of a tiny pretrained ``arch`` model plus tokenizer."""
+    """``tiny_ckpt(arch, dtype=None)`` -> folder of a tiny pretrained ``arch`` model plus
+    tokenizer (saved in ``dtype``, e.g. ``torch.bfloat16``, when given)."""
     root = tmp_path_factory.mktemp("tiny_models")
     made: dict[str, Path] = {}
 
-    def get(arch: str = "bert") -> Path:
-        if arch not in made:
-            made[arch] = build_tiny_checkpoint(arch, root / arch)
-        return made[arch]
+    def get(arch: str = "bert", dtype=None) -> Path:
+        key = arch if dtype is None else f"{arch}-{str(dtype).rsplit('.', 1)[-1]}"
+        if key not in made:
+            made[key] = build_tiny_checkpoint(arch, root / key, dtype)
+        return made[key]
 
     return get
 
@@ -61,15 +63,17 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_causal(tmp_path_factory: pytest.TempPathFactory):
-    """``tiny_causal(arch)`` -> folder of a tiny causal LM (llama, qwen2, gpt2) + tokenizer."""
+    """``tiny_causal(arch, dtype=None)`` -> folder of a tiny causal LM (llama, qwen2, gpt2) +
+    tokenizer (saved in ``dtype`` when given)."""
     from tiny_causal import build_causal_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_causal")
     made: dict[str, Path] = {}
 
-    def get(arch: str = "llama") -> Path:
-        if arch not in made:
-            made[arch] = build_causal_checkpoint(arch, root / arch)
-        return made[arch]
+    def get(arch: str = "llama", dtype=None) -> Path:
+        key = arch if dtype is None else f"{arch}-{str(dtype).rsplit('.', 1)[-1]}"
+        if key not in made:
+            made[key] = build_causal_checkpoint(arch, root / key, dtype)
+        return made[key]
 
     return get

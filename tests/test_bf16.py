@@ -1,5 +1,8 @@
-"""``configs/strategy/bf16.yaml`` with every method: bf16 compute, fp32 master weights and fp32
-optimizer state, and each method's constraint still holds after a few steps."""
+"""``configs/strategy/bf16.yaml`` with every method on a bf16-saved tiny BERT (hub models are
+saved in bf16 and transformers loads them so): bf16 compute, fp32 master weights and fp32
+optimizer state, the frozen base kept bf16, and each method's constraint still holds after a
+few steps. The same policy on a bf16-saved tiny Llama, with the export, is in
+``test_precision.py``."""
 
 from __future__ import annotations
 
@@ -95,16 +98,21 @@ def _check_constraint(cli) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_bf16_mixed_keeps_fp32_masters_and_constraints(name: str, tiny_ckpt, glue_dir: Path,
                                                        tmp_path: Path) -> None:
-    cli = _fit(name, tiny_ckpt("bert"), glue_dir, tmp_path)
+    cli = _fit(name, tiny_ckpt("bert", torch.bfloat16), glue_dir, tmp_path)
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 3
     assert torch.bfloat16 in _callback(cli, "ComputeDtype").dtypes  # compute really is bf16
     trainable = {n: p for n, p in cli.model.model.named_parameters() if p.requires_grad}
     assert trainable
     bad = {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32}
     assert not bad, f"trainable parameters not fp32: {bad}"
+    kept = cli.model.trainable_state_keys  # trained + frozen adapter tensors (checkpointed)
+    base = {n: p.dtype for n, p in cli.model.model.named_parameters()
+            if not p.requires_grad and f"model.{n}" not in kept}
+    assert cli.model.adapter is None or base, "an adapter run has a frozen base"
+    assert set(base.values()) <= {torch.bfloat16}, base  # the checkpoint's dtype (auto)
     optimizer = cli.trainer.optimizers[0]
     states = [(k, v) for s in optimizer.state.values() for k, v in s.items()
-              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+              if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step"]
     assert states and all(v.dtype == torch.float32 for _, v in states), \
         {k: v.dtype for k, v in states}
     _check_constraint(cli)

@@ -65,13 +65,16 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def build_tiny_checkpoint(arch: str, folder: Path) -> Path:
-    """Save a randomly initialised (seeded) base model plus tokenizer, like a hub checkpoint."""
+def build_tiny_checkpoint(arch: str, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """Save a randomly initialised (seeded) base model plus tokenizer, like a hub checkpoint;
+    ``dtype`` saves it in that dtype (bf16-saved hub models load as bf16)."""
     from transformers import AutoModel
 
     tokenizer = build_tokenizer(with_token_types=arch == "bert")
     torch.manual_seed(0)
     model = AutoModel.from_config(tiny_config(arch, len(tokenizer)))
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -66,13 +66,16 @@ def causal_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def build_causal_checkpoint(arch: str, folder: Path) -> Path:
-    """Save a seeded random causal LM plus tokenizer, like a hub checkpoint."""
+def build_causal_checkpoint(arch: str, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """Save a seeded random causal LM plus tokenizer, like a hub checkpoint; ``dtype`` saves it
+    in that dtype (as LLaMA-3-8B, Qwen2 and SmolLM2 are saved in bf16)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_causal_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(causal_config(arch, len(tokenizer)))
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftConfig
 from transformers import AutoConfig, AutoTokenizer
 
+from app import precision
 from app.adapters import head_module_names
 from app.adapters.checks import check_trainer, missing_callbacks
 from app.adapters.contract import AdapterConfig, Method
@@ -33,6 +34,7 @@ from app.hub import load_pretrained, resolve_checkpoint
 from app.modules import core
 from app.modules.core import count_parameters  # noqa: F401  (re-exported for callers)
 from app.optim.schedules import WarmupDecay
+from app.precision import DtypeOption
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -69,6 +71,15 @@ class AdaptedModule(L.LightningModule):
         head_lr: Learning rate of the task head (:meth:`head_modules`: the pooler and
             classifier) for every method; ``None`` (default) trains it at the optimizer's
             rate, as the papers do. The schedule scales it like every other rate.
+        dtype: How the frozen base is kept (:mod:`app.precision`): ``auto`` (default) the
+            checkpoint's saved dtype under ``*-mixed`` precisions and fp32 under
+            ``32-true``; or ``float32``, ``bfloat16``, ``float16``. Trainable tensors are
+            fp32 masters whatever this says (``bf16-true`` trains bf16 weights).
+        attn_implementation: The attention kernel transformers uses (``sdpa``, ``eager``,
+            ``flash_attention_2``, ...); ``None`` (default) keeps transformers' choice.
+        gradient_checkpointing: Recompute each layer's activations in the backward pass
+            (the model's own non-reentrant checkpointing): less activation memory for
+            about a third more compute; the same gradients.
     """
 
     def __init__(
@@ -82,8 +93,19 @@ class AdaptedModule(L.LightningModule):
         config_kwargs: dict[str, Any] | None = None,
         preprocessor_class: Any = AutoTokenizer,
         head_lr: float | None = None,
+        dtype: DtypeOption = "auto",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        precision.check_dtype(dtype, None)
+        if attn_implementation is not None and not (isinstance(attn_implementation, str)
+                                                    and attn_implementation.strip()):
+            raise ConfigError(f"model.init_args.attn_implementation={attn_implementation!r}: "
+                              "give a name such as sdpa or eager, or null")
+        self.dtype_option: str = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         if head_lr is not None and not is_positive_number(head_lr):
             raise ConfigError(f"model.init_args.head_lr={head_lr!r}: give a learning rate > 0 "
                               "(or null to train the head at the optimizer's rate)")
@@ -112,12 +134,17 @@ class AdaptedModule(L.LightningModule):
     def configure_model(self) -> None:
         """Refuse what the method cannot run with (under a Trainer), then load the pretrained
         model and apply the method (once)."""
+        compute = None
         if self._trainer is not None:
             check_trainer(self.method.spec, self._trainer, type(self).__name__)
+            compute = str(self._trainer.precision)
         if self.model is not None:
             return
-        self.model, heads = core.build_model(self.model_class, self.checkpoint, self.hf_config,
-                                             self.method, self.head_modules)
+        self.model, heads = core.build_model(
+            self.model_class, self.checkpoint, self.hf_config, self.method, self.head_modules,
+            precision=compute, dtype=self.dtype_option,
+            attn_implementation=self.attn_implementation,
+            gradient_checkpointing=self.gradient_checkpointing)
         self._heads = list(heads)
         # Fixed here, before a strategy wraps the model: FSDP renames parameters
         # (`_fsdp_wrapped_module.`) and its state_dict hooks are collectives.
@@ -131,6 +158,9 @@ class AdaptedModule(L.LightningModule):
             f" | heads {heads}" + ("" if self.head_lr is None or not heads
                                    else f" at lr {self.head_lr:g}")
         )
+        rank_zero_info(precision.describe(self.model, compute, self.dtype_option)
+                       + (" | activation checkpointing on" if self.gradient_checkpointing
+                          else ""))
 
     def check_strategy(self, strategy: object) -> None:
         """Refuse a strategy the method or this module cannot train with

@@ -27,6 +27,7 @@ from app.errors import ConfigError
 from app.hub import load_pretrained
 from app.metrics.causal_scoring import choice_logprobs, greedy_continuations
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
+from app.precision import DtypeOption
 
 CausalTask = Literal["commonsense", "instructions", "pretraining"]
 Scoring = Literal["choice", "generate"]
@@ -51,7 +52,9 @@ class _RandomInit:
 
     @staticmethod
     def from_pretrained(source: str, config: Any = None, **kwargs: Any) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_config(config)
+        # Every weight is trained (fp32 masters), so the load dtype does not apply.
+        keep = {k: v for k, v in kwargs.items() if k == "attn_implementation"}
+        return AutoModelForCausalLM.from_config(config, **keep)
 
 
 class CausalLMModule(AdaptedModule):
@@ -83,6 +86,9 @@ class CausalLMModule(AdaptedModule):
             weights instead of loading them (full training only; ``adapter`` must be null).
         model_config: Config fields that override the checkpoint's (``hidden_size``,
             ``num_hidden_layers``, ...), e.g. the GaLore paper's LLaMA shapes.
+        dtype: See :class:`app.modules.adapted.AdaptedModule` (the frozen base's dtype).
+        attn_implementation: See :class:`app.modules.adapted.AdaptedModule`.
+        gradient_checkpointing: See :class:`app.modules.adapted.AdaptedModule`.
     """
 
     def __init__(
@@ -98,6 +104,9 @@ class CausalLMModule(AdaptedModule):
         score_batch_size: int = 16,
         random_init: bool = False,
         model_config: dict[str, Any] | None = None,
+        dtype: DtypeOption = "auto",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if task not in ("commonsense", "instructions", "pretraining"):
             raise ConfigError(f"model.init_args.task={task!r}: choose commonsense, "
@@ -121,7 +130,9 @@ class CausalLMModule(AdaptedModule):
             adapter.target_modules = targets
         super().__init__(checkpoint, adapter, optimizer, scheduler,
                          model_class=_RandomInit if random_init else AutoModelForCausalLM,
-                         config_kwargs=self.model_config)
+                         config_kwargs=self.model_config,
+                         dtype=dtype, attn_implementation=attn_implementation,
+                         gradient_checkpointing=gradient_checkpointing)
         # Evaluation options stay out of the checkpoint's hyper-parameters: LightningCLI applies
         # those over the command line on `test --ckpt_path`, which would silently keep the
         # training run's scoring.

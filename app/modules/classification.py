@@ -14,6 +14,7 @@ from app.adapters import AdapterConfig
 from app.data.glue_formats import get_task
 from app.metrics.glue import glue_metrics
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
+from app.precision import DtypeOption
 
 
 def _config_kwargs(spec: Any) -> dict[str, Any]:
@@ -45,6 +46,9 @@ class ClassificationModule(AdaptedModule):
         optimizer: See :class:`app.modules.adapted.AdaptedModule`.
         scheduler: See :class:`app.modules.adapted.AdaptedModule`.
         head_lr: See :class:`app.modules.adapted.AdaptedModule`.
+        dtype: See :class:`app.modules.adapted.AdaptedModule` (the frozen base's dtype).
+        attn_implementation: See :class:`app.modules.adapted.AdaptedModule`.
+        gradient_checkpointing: See :class:`app.modules.adapted.AdaptedModule`.
     """
 
     def __init__(
@@ -56,6 +60,9 @@ class ClassificationModule(AdaptedModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
         head_lr: float | None = None,
+        dtype: DtypeOption = "auto",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         spec = get_task(task)
         if num_labels != spec.num_labels:
@@ -67,7 +74,9 @@ class ClassificationModule(AdaptedModule):
             )
         super().__init__(checkpoint, adapter, optimizer, scheduler,
                          model_class=AutoModelForSequenceClassification,
-                         config_kwargs=_config_kwargs(spec), head_lr=head_lr)
+                         config_kwargs=_config_kwargs(spec), head_lr=head_lr,
+                         dtype=dtype, attn_implementation=attn_implementation,
+                         gradient_checkpointing=gradient_checkpointing)
         self.spec = spec
         self.num_labels = num_labels
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from app import precision as precision_policy
 from app.adapters import (
     adapter_state_keys,
     check_adapter,
@@ -36,6 +37,7 @@ from app.optim.compat import check_optimizer_adapter
 __all__ = [
     "build_model",
     "count_parameters",
+    "enable_gradient_checkpointing",
     "parameter_groups",
     "prepare_method",
     "restore_rng_states",
@@ -78,20 +80,63 @@ def prepare_method(model_class: Any, hf_config: Any, adapter: object | None,
 
 
 def build_model(model_class: Any, checkpoint: str, hf_config: Any, method: Method,
-                head_modules: Any = None) -> tuple[torch.nn.Module, list[str]]:
+                head_modules: Any = None, *, precision: str | None = None,
+                dtype: str = "auto", attn_implementation: str | None = None,
+                gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, list[str]]:
     """Load the pretrained model and apply the method; the task heads stay trainable.
 
     ``head_modules(model)`` names the heads (default :func:`app.adapters.head_module_names`;
-    causal LMs have none: their ``lm_head`` is pretrained).
+    causal LMs have none: their ``lm_head`` is pretrained). The frozen base is loaded in the
+    dtype :func:`app.precision.frozen_load_dtype` gives for ``dtype`` and the trainer's
+    ``precision``; the trainable tensors are then made fp32 masters
+    (:func:`app.precision.cast_trainable`). ``attn_implementation`` is passed to
+    ``from_pretrained`` (``None``: transformers' default); ``gradient_checkpointing`` turns
+    on the model's own non-reentrant activation checkpointing.
 
     Returns:
         ``(model, head module names)``, the model in training mode.
+
+    Raises:
+        ConfigError: An attention implementation the model or machine cannot load, or
+            checkpointing on a model that does not support it.
     """
-    base = load_pretrained(model_class, checkpoint, config=hf_config)
+    kwargs: dict[str, Any] = {"config": hf_config,
+                              "dtype": precision_policy.frozen_load_dtype(dtype, precision)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        base = load_pretrained(model_class, checkpoint, **kwargs)
+    except (ValueError, ImportError) as err:
+        if attn_implementation is None:
+            raise
+        raise ConfigError(
+            f"model.init_args.attn_implementation={attn_implementation!r} cannot be used here "
+            f"({str(err).splitlines()[0][:200]}); choose sdpa or eager, or null for "
+            "transformers' default") from err
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     heads = (head_modules or head_module_names)(base)
     model = method.apply(base, heads)
+    precision_policy.cast_trainable(model, precision)
     model.train()  # from_pretrained returns eval mode; dropout must be on for fit
     return model, heads
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on the Hugging Face model's activation checkpointing, non-reentrant (it needs no
+    input that requires grad, so it works with frozen embeddings and every adapter, and it
+    recomputes dropout with the same random state, so gradients equal the plain ones).
+
+    Raises:
+        ConfigError: The model class does not support gradient checkpointing.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"model.init_args.gradient_checkpointing=true but {type(model).__name__} does not "
+            "support activation checkpointing; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a cache is useless in training and clashes with it
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from app.adapters import AdapterConfig
 from app.errors import ConfigError
 from app.metrics.domains import GroupAccuracy
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
+from app.precision import DtypeOption
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class ImageClassificationModule(AdaptedModule):
     Raises:
         ConfigError: For ``num_labels < 2``, class names that disagree with ``num_labels``, or
             a null ``target_modules`` on a model without recognisable query / value layers.
+        dtype: See :class:`app.modules.adapted.AdaptedModule` (the frozen base's dtype).
+        attn_implementation: See :class:`app.modules.adapted.AdaptedModule`.
+        gradient_checkpointing: See :class:`app.modules.adapted.AdaptedModule`.
     """
 
     def __init__(
@@ -89,6 +93,9 @@ class ImageClassificationModule(AdaptedModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
         head_lr: float | None = None,
+        dtype: DtypeOption = "auto",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if num_labels < 2:
             raise ConfigError(f"model.init_args.num_labels={num_labels}: need at least 2 classes")
@@ -105,7 +112,9 @@ class ImageClassificationModule(AdaptedModule):
             config_kwargs={"num_labels": num_labels,
                            "problem_type": "single_label_classification",
                            "id2label": dict(enumerate(names)),
-                           "label2id": {name: i for i, name in enumerate(names)}})
+                           "label2id": {name: i for i, name in enumerate(names)}},
+            dtype=dtype, attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing)
         self.task = task
         self.num_labels = num_labels
         self.class_names = list(class_names) if class_names is not None else None

@@ -22,6 +22,7 @@ from app.metrics.qa_postprocess import (
     write_predictions_json,
 )
 from app.modules.adapted import AdaptedModule, default_optimizer, default_scheduler
+from app.precision import DtypeOption
 
 
 class QuestionAnsweringModule(AdaptedModule):
@@ -53,6 +54,9 @@ class QuestionAnsweringModule(AdaptedModule):
         n_best_size: Start and end candidates per window.
         max_answer_length: Longest answer in tokens.
         null_score_diff_threshold: SQuAD v2.0 null-answer margin.
+        dtype: See :class:`app.modules.adapted.AdaptedModule` (the frozen base's dtype).
+        attn_implementation: See :class:`app.modules.adapted.AdaptedModule`.
+        gradient_checkpointing: See :class:`app.modules.adapted.AdaptedModule`.
     """
 
     #: Options that change how the trained model is decoded, not its weights: at test time
@@ -71,12 +75,17 @@ class QuestionAnsweringModule(AdaptedModule):
         max_answer_length: int = 30,
         null_score_diff_threshold: float = 0.0,
         head_lr: float | None = None,
+        dtype: DtypeOption = "auto",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if num_labels != 2:
             raise ConfigError(f"model.init_args.num_labels={num_labels}: extractive QA has "
                               "exactly 2 span logits (start, end)")
         super().__init__(checkpoint, adapter, optimizer, scheduler,
-                         model_class=AutoModelForQuestionAnswering, head_lr=head_lr)
+                         model_class=AutoModelForQuestionAnswering, head_lr=head_lr,
+                         dtype=dtype, attn_implementation=attn_implementation,
+                         gradient_checkpointing=gradient_checkpointing)
         self.task = task
         self.version_2 = task == "squad_v2"
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
