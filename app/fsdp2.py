@@ -32,7 +32,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from app.strategies import transformer_layer_classes
 
-__all__ = ["AdapterFSDP2Strategy", "is_sharded", "local", "shard_model", "shard_placement"]
+__all__ = ["AdapterFSDP2Strategy", "gather_trained", "is_sharded", "local",
+           "mixed_precision_policy", "shard_model", "shard_placement"]
 
 
 def is_sharded(t: object) -> bool:
@@ -56,24 +57,66 @@ def shard_placement(param: torch.nn.Parameter) -> Any:
     return Shard(0)
 
 
-def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+def mixed_precision_policy(precision: str | None) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for a Lightning precision string.
+
+    Under ``bf16-mixed`` (``16-mixed``) the parameters are all-gathered in bf16 (fp16) for
+    compute, half the bytes of fp32, while the sharded masters stay fp32 and gradients are
+    reduce-scattered in fp32 (sums of many half-precision gradients lose bits). Any other
+    precision: the default policy (parameters gathered in their own dtype).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    if half is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+
+
+def shard_model(model: torch.nn.Module, mesh: Any, mp_policy: Any = None) -> torch.nn.Module:
     """``fully_shard`` every transformer layer (``_no_split_modules``), then the root.
 
     Args:
         model: The task model as built by ``configure_model`` (PEFT or not).
         mesh: The 1-D data-parallel device mesh.
+        mp_policy: A ``MixedPrecisionPolicy`` (:func:`mixed_precision_policy`); ``None``: the
+            default one.
 
     Returns:
         ``model`` (sharded in place).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
     layers = transformer_layer_classes(model)
     for module in model.modules():
         if type(module) in layers:
-            fully_shard(module, mesh=mesh, shard_placement_fn=shard_placement)
-    fully_shard(model, mesh=mesh, shard_placement_fn=shard_placement)
+            fully_shard(module, mesh=mesh, shard_placement_fn=shard_placement,
+                        mp_policy=policy)
+    fully_shard(model, mesh=mesh, shard_placement_fn=shard_placement, mp_policy=policy)
     return model
+
+
+def gather_trained(model: torch.nn.Module, keep: set[str] | None,
+                   state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors named in ``keep`` (``None``: all), whole, as CPU tensors on every rank.
+
+    Only those are gathered (``full_tensor``, one all-gather each): a checkpoint or export of
+    an adapter moves the adapter's bytes, not the frozen base. A collective: every rank calls
+    it with the same ``keep``.
+
+    Args:
+        model: The ``fully_shard``-ed model.
+        keep: State-dict names to gather.
+        state: A sharded state dict already taken (default: the model's, unfiltered).
+    """
+    if state is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    state = {k: v for k, v in state.items() if keep is None or k in keep}
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu()
+            for k, v in state.items()}
 
 
 class AdapterFSDP2Strategy(ModelParallelStrategy):
@@ -102,7 +145,8 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         """Shard the module's model (once), then let Lightning set up optimizers etc."""
         model = getattr(self.lightning_module, "model", None)
         if isinstance(model, torch.nn.Module) and not _is_fully_sharded(model):
-            shard_model(model, self.device_mesh["data_parallel"])
+            shard_model(model, self.device_mesh["data_parallel"],
+                        mixed_precision_policy(trainer.precision))
         super().setup(trainer)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -124,23 +168,10 @@ class AdapterFSDP2Strategy(ModelParallelStrategy):
         return self.full_state_dict(state)
 
     def full_state_dict(self, state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        """Gather ``state`` (default: the trained tensors) to whole CPU tensors on every rank.
-
-        A collective: every rank must call it.
-        """
-        if state is None:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-            )
-
-            assert self.model is not None
-            state = get_model_state_dict(self.model,
-                                         options=StateDictOptions(full_state_dict=False))
-            keep = self._trainable_keys()
-            state = {k: v for k, v in state.items() if keep is None or k in keep}
-        return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu()
-                for k, v in state.items()}
+        """Gather ``state`` (default: the trained tensors) to whole CPU tensors on every rank
+        (:func:`gather_trained`). A collective: every rank must call it."""
+        assert self.model is not None
+        return gather_trained(self.model, self._trainable_keys(), state)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None
                         ) -> dict[str, Any]:

@@ -12,9 +12,11 @@ this strategy builds it at ``setup`` from the module's model, after ``configure_
   "uniform requires_grad") or keeps gradient memory for the whole unit (``True``);
 - full fine-tuning: one unit per transformer layer.
 
-Checkpoints stay adapter-only (:class:`app.modules.adapted.AdaptedModule` filters the gathered
-full state dict), so ``state_dict_type`` is fixed to ``"full"``: FSDP's sharded format loads
-every key of the model and would miss the frozen base. ``use_orig_params`` is fixed to
+Checkpoints stay adapter-only and are gathered tensor by tensor: only what a checkpoint keeps
+(:attr:`app.modules.adapted.AdaptedModule.trainable_state_keys`) is gathered, in one
+collective (:func:`gather_kept`), never the frozen base; ``state_dict_type`` stays ``"full"``
+for loading: FSDP's sharded format loads every key of the model and would miss the frozen
+base. ``use_orig_params`` is fixed to
 ``True``: the task modules build named parameter groups from ``self.model``.
 
 Like Lightning's ``"fsdp"`` string it needs GPUs; it refuses other devices when it would wrap
@@ -35,7 +37,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from app.errors import ConfigError
 
-__all__ = ["AdapterFSDPStrategy", "adapter_wrap_policy", "transformer_layer_classes"]
+__all__ = ["AdapterFSDPStrategy", "adapter_wrap_policy", "gather_kept",
+           "transformer_layer_classes"]
 
 
 def transformer_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -68,6 +71,55 @@ def adapter_wrap_policy(model: torch.nn.Module) -> Any | None:
     if not layers:
         return None
     return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
+
+
+def gather_kept(model: torch.nn.Module, keep: set[str], shapes: dict[str, torch.Size]
+                ) -> dict[str, torch.Tensor]:
+    """The tensors named in ``keep``, whole, on every rank, from an FSDP1 model
+    (``use_orig_params=True``), gathering nothing else (a collective: every rank calls it).
+
+    Under ``use_orig_params`` each rank's view of a parameter is its contiguous piece of the
+    flattened parameter (possibly empty), in rank order; so the pieces of every kept parameter
+    are concatenated into one buffer per rank, exchanged in one ``all_gather`` (plus one of
+    the piece sizes) and cut back into whole tensors. Buffers are not sharded and are taken
+    as they are. The bytes moved are those of the kept tensors, not of the frozen base.
+
+    Args:
+        model: The wrapped module (names may hold ``_fsdp_wrapped_module.`` parts).
+        keep: Unwrapped state-dict names to return.
+        shapes: Each kept parameter's whole shape by unwrapped name (from before wrapping).
+    """
+    import torch.distributed as dist
+
+    from app.modules.core import unwrapped_name
+
+    params = [(unwrapped_name(n), p) for n, p in model.named_parameters()]
+    params = [(n, p) for n, p in params if n in keep]
+    out = {n: b.detach().cpu().clone() for n, b in
+           ((unwrapped_name(n), b) for n, b in model.named_buffers()) if n in keep}
+    if not params:
+        return out
+    pieces = [p.detach().reshape(-1) for _, p in params]
+    device = pieces[0].device
+    dtypes = {t.dtype for t in pieces}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    sizes = torch.tensor([t.numel() for t in pieces], device=device)
+    world = dist.get_world_size()
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes)
+    totals = [int(s.sum()) for s in all_sizes]
+    buffer = torch.zeros(max(totals), dtype=dtype, device=device)
+    if pieces:
+        flat = torch.cat([t.to(dtype) for t in pieces])
+        buffer[:flat.numel()] = flat
+    gathered = [torch.empty_like(buffer) for _ in range(world)]
+    dist.all_gather(gathered, buffer)
+    per_rank = [list(torch.split(g[:total], s.tolist()))
+                for g, total, s in zip(gathered, totals, all_sizes)]
+    for index, (name, param) in enumerate(params):
+        whole = torch.cat([rank[index] for rank in per_rank])
+        out[name] = whole.reshape(shapes[name]).to(param.dtype).cpu()
+    return out
 
 
 class AdapterFSDPStrategy(FSDPStrategy):
@@ -103,11 +155,21 @@ class AdapterFSDPStrategy(FSDPStrategy):
         """Build the wrap policy from the configured model (unless one was given), then wrap."""
         module = self.lightning_module
         model = getattr(module, "model", None)
+        if isinstance(model, torch.nn.Module):  # whole shapes, before FSDP flattens them
+            self._shapes = {f"model.{n}": p.shape for n, p in model.named_parameters()}
         if "auto_wrap_policy" not in self.kwargs and isinstance(model, torch.nn.Module):
             policy = adapter_wrap_policy(model)
             if policy is not None:
                 self.kwargs["auto_wrap_policy"] = policy
         super().setup(trainer)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Only the tensors a checkpoint keeps, gathered alone (:func:`gather_kept`) on every
+        rank: saving a LoRA checkpoint of an 8B model moves megabytes, not the base."""
+        keep = getattr(self.lightning_module, "trainable_state_keys", None)
+        if keep is None or self.model is None:
+            return super().lightning_module_state_dict()
+        return gather_kept(self.model, set(keep), getattr(self, "_shapes", {}))
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Refuse non-GPU devices with a message naming the alternative, else wrap."""
