@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from app.manifolds import fused, stiefel
-from app.manifolds.newton_schulz import (RADIUS, apply_fallback, inverse_sqrt_newton_schulz,
-                                         newton_schulz_steps)
+from app.manifolds.newton_schulz import (
+    RADIUS,
+    apply_fallback,
+    inverse_sqrt_newton_schulz,
+    newton_schulz_steps,
+)
 from app.manifolds.precision import exact_float32, precision_state
 
 

@@ -172,7 +172,8 @@ def test_export_reproduces_logits_with_peft(tiny_ckpt, tmp_path: Path) -> None:
 
 # -- the Riemannian step ----------------------------------------------------------------------
 @pytest.mark.parametrize(("retraction", "hidden_size", "solver"),
-                         [("polar", None, "eigh"), ("polar", 4, "newton_schulz"), ("exp", 4, "eigh")])
+                         [("polar", None, "eigh"), ("polar", 4, "newton_schulz"),
+                          ("exp", 4, "eigh")])
 def test_one_step_matches_the_formula(retraction: str, hidden_size: int | None,
                                       solver: str) -> None:
     """SGD step through the hooks == polar/exp(X + P_X(-lr * rgrad / sqrt(n/c))) in float64."""

@@ -41,7 +41,8 @@ from torch import Tensor
 
 from app.manifolds.stiefel import inverse_sqrt_psd
 
-__all__ = ["RADIUS", "TOL", "inverse_sqrt_newton_schulz", "newton_schulz_steps"]
+__all__ = ["RADIUS", "TOL", "apply_fallback", "inverse_sqrt_newton_schulz",
+           "newton_schulz_steps"]
 
 #: Largest ``||G - I||_F`` the iteration is used at (its proof needs ``< 1``).
 RADIUS = 0.5
