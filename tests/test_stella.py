@@ -171,8 +171,11 @@ def test_export_reproduces_logits_with_peft(tiny_ckpt, tmp_path: Path) -> None:
 
 
 # -- the Riemannian step ----------------------------------------------------------------------
-@pytest.mark.parametrize(("retraction", "hidden_size"), [("polar", None), ("exp", 4)])
-def test_one_step_matches_the_formula(retraction: str, hidden_size: int | None) -> None:
+@pytest.mark.parametrize(("retraction", "hidden_size", "solver"),
+                         [("polar", None, "eigh"), ("polar", 4, "newton_schulz"),
+                          ("exp", 4, "eigh")])
+def test_one_step_matches_the_formula(retraction: str, hidden_size: int | None,
+                                      solver: str) -> None:
     """SGD step through the hooks == polar/exp(X + P_X(-lr * rgrad / sqrt(n/c))) in float64."""
     gen = torch.Generator().manual_seed(2)
     base = torch.nn.Linear(12, 10)
@@ -181,7 +184,7 @@ def test_one_step_matches_the_formula(retraction: str, hidden_size: int | None) 
     factors = [("stella_U.weight", layer.stella_U.weight), ("stella_V.weight",
                                                            layer.stella_V.weight)]
     callback = StellaCallback(retraction=retraction, hidden_size=hidden_size,
-                              gradient_scaling=hidden_size is not None)
+                              gradient_scaling=hidden_size is not None, polar_solver=solver)
     callback._factors, callback._c = factors, hidden_size
     lr = 0.2
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
@@ -373,6 +376,8 @@ def test_error_when_the_factors_get_weight_decay(tiny_ckpt, glue_dir: Path, tmp_
 def test_callback_options_and_state_dict() -> None:
     with pytest.raises(ConfigError, match="retraction"):
         StellaCallback(retraction="qr")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="polar_solver must be .*got 'qr'"):
+        StellaCallback(polar_solver="qr")  # type: ignore[arg-type]
     callback = StellaCallback()
     callback.num_steps = 7
     restored = StellaCallback()

@@ -69,6 +69,14 @@ class StellaCallback(StatefulCallback):
         gradient_scaling: Divide the step ``D`` of a factor with ``n != c`` rows by
             :math:`\sqrt{n / c}`, ``c`` the hidden size (StelLA's public code).
         hidden_size: ``c``; ``None`` reads ``hidden_size`` from the model's config.
+        polar_solver: How the polar retraction forms :math:`(Y^T Y)^{-1/2}`: ``"eigh"``
+            (default; float64 binomial series at small steps, else an ``r x r``
+            eigendecomposition) or ``"newton_schulz"`` (float32 matmuls only, five
+            Newton-Schulz steps with the proven bound ``||Y^T Y - I||_2 <= 0.5 ** 32`` inside
+            ``||Y^T Y - I||_F < 0.5``, the eigendecomposition outside it; no eigensolver on
+            the GPU at normal step sizes: :mod:`app.manifolds.newton_schulz`). Both give the
+            same polar factor to float32 rounding; the products run in IEEE float32 even
+            when the user turned TF32 on. Ignored for ``retraction: exp``.
     """
 
     def __init__(
@@ -77,18 +85,23 @@ class StellaCallback(StatefulCallback):
         retraction: Literal["polar", "exp"] = "polar",
         gradient_scaling: bool = True,
         hidden_size: int | None = None,
+        polar_solver: Literal["eigh", "newton_schulz"] = "eigh",
     ) -> None:
         if isinstance(patterns, str) or (patterns is not None and not patterns):
             raise ConfigError("StellaCallback patterns must be a non-empty list of substrings")
         if retraction not in ("polar", "exp"):
             raise ConfigError(f"StellaCallback retraction must be 'polar' or 'exp', "
                               f"got {retraction!r}")
+        if polar_solver not in ("eigh", "newton_schulz"):
+            raise ConfigError(f"StellaCallback polar_solver must be 'eigh' or 'newton_schulz', "
+                              f"got {polar_solver!r}")
         if hidden_size is not None and hidden_size < 1:
             raise ConfigError(f"StellaCallback hidden_size must be positive, got {hidden_size}")
         self.patterns = None if patterns is None else tuple(patterns)
         self.retraction = retraction
         self.gradient_scaling = gradient_scaling
         self.hidden_size = hidden_size
+        self.polar_solver = polar_solver
         #: Completed Riemannian steps (checkpointed).
         self.num_steps = 0
         self._factors: list[tuple[str, torch.nn.Parameter]] = []
@@ -163,7 +176,8 @@ class StellaCallback(StatefulCallback):
             return
         news = [tall_local(p.data) for p in self._active]
         fused.retract_fused(self._snapshot, news, [self._scale(p) for p in self._active],
-                            self.retraction, outs=news, reduce=self._reduce)
+                            self.retraction, outs=news, reduce=self._reduce,
+                            solver=self.polar_solver)
         self._snapshot, self._active = None, []
         self.num_steps += 1
 
@@ -178,6 +192,8 @@ class StellaCallback(StatefulCallback):
     def state_options(self) -> dict[str, Any]:
         return {"patterns": self.patterns, "retraction": self.retraction,
                 "gradient_scaling": self.gradient_scaling, "hidden_size": self.hidden_size}
+        # polar_solver is left out: both solvers give the same factors to rounding, so a run
+        # may resume with the other one (and older checkpoints keep their state key)
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps}

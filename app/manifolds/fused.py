@@ -44,6 +44,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from app.manifolds.newton_schulz import apply_fallback, inverse_sqrt_newton_schulz
+from app.manifolds.precision import exact_float32
 from app.manifolds.stiefel import inverse_sqrt_psd
 
 __all__ = [
@@ -58,6 +60,9 @@ __all__ = [
 ]
 
 Reduce = Callable[[Tensor], None]
+#: How ``(Y^T Y)^{-1/2}`` is computed: ``"eigh"`` (float64 series / eigendecomposition, the
+#: default) or ``"newton_schulz"`` (float32 matmuls, :mod:`app.manifolds.newton_schulz`).
+PolarSolver = Literal["eigh", "newton_schulz"]
 
 
 @torch.no_grad()
@@ -149,20 +154,40 @@ def inverse_sqrt_near_identity(g: Tensor, tol: float = 1e-14, radius: float = 0.
     return inverse_sqrt_psd(g)
 
 
-def polar_coefficients(grams: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+def polar_coefficients(grams: Tensor, scale: Tensor, solver: PolarSolver = "eigh"
+                       ) -> tuple[Tensor, Tensor]:
     r"""``(P, Q)`` with :math:`\operatorname{polar}(X + \xi) = X P + N Q`, batched.
 
-    The inverse square root of :math:`Y^T Y` is computed in float64 by
+    ``solver="eigh"``: the inverse square root of :math:`Y^T Y` is computed in float64 by
     :func:`inverse_sqrt_near_identity` (a short series at small steps, else a clamped
     symmetric eigendecomposition, so a rank-deficient ``Y`` stays finite).
+    ``solver="newton_schulz"``: in the Gram products' dtype (float32 for float32 factors) by
+    matmuls only (:func:`app.manifolds.newton_schulz.inverse_sqrt_newton_schulz`, error
+    bound ``2.3e-10`` inside ``||Y^T Y - I||_F < 0.5``), the matrices outside the bound by the
+    float64 eigendecomposition. Each solver reads one value from the device per call (the
+    series order, the fallback flag).
 
     Args:
         grams: ``(..., 3, r, r)`` from :func:`gram_products`.
         scale: Step scales ``s`` of shape ``(...)``.
+        solver: ``"eigh"`` or ``"newton_schulz"``.
 
     Returns:
-        ``P`` and ``Q``, ``(..., r, r)`` in float64.
+        ``P`` and ``Q``, ``(..., r, r)`` in float64 (``"eigh"``) or the Gram dtype.
+
+    Raises:
+        ValueError: If ``solver`` is unknown.
     """
+    if solver not in ("eigh", "newton_schulz"):
+        raise ValueError(f"solver must be 'eigh' or 'newton_schulz', got {solver!r}")
+    if solver == "newton_schulz":
+        c, k, h, s = _split(grams, scale)
+        eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+        m0 = eye + tangent_coefficients(grams, scale)
+        gram_y = _quad(c, k, h, s, m0)
+        w, outside = inverse_sqrt_newton_schulz(gram_y)
+        w = apply_fallback(gram_y, w, outside)
+        return m0 @ w, s * w
     # the factors get the result in their own dtype: a series error 1000x below its
     # rounding is exact for them (float32: 1.2e-10; float64 factors: 1e-15)
     tol = max(torch.finfo(grams.dtype).eps * 1e-3, 1e-15)
@@ -243,6 +268,7 @@ def retract_fused(
     retraction: Literal["polar", "exp"] = "polar",
     outs: Sequence[Tensor] | None = None,
     reduce: Reduce | None = None,
+    solver: PolarSolver = "eigh",
 ) -> list[Tensor]:
     r"""StelLA's post-step for many factors: :math:`R_X(P_X(s(N - X)))`, in Gram form.
 
@@ -250,7 +276,8 @@ def retract_fused(
     ``(k, 3, r, r)`` tensor of Gram products (pass 1), one batched coefficient computation
     and a per-factor combination (pass 2). ``reduce`` (for example an all-reduce sum over
     the ranks that hold the other rows) is applied in place to each group's Gram tensor
-    between the passes.
+    between the passes. Every product runs with IEEE float32 precision
+    (:func:`app.manifolds.precision.exact_float32`), whatever TF32 setting the user chose.
 
     Args:
         snapshots: ``X`` per factor, tall ``(rows, r)``.
@@ -259,6 +286,7 @@ def retract_fused(
         retraction: ``"polar"`` or ``"exp"``.
         outs: Destinations (may be the proposals themselves); new tensors when ``None``.
         reduce: In-place reduction of a ``(k, 3, r, r)`` Gram tensor, or ``None``.
+        solver: The polar retraction's inverse square root (:func:`polar_coefficients`).
 
     Returns:
         The retracted factors (``outs`` when given).
@@ -270,7 +298,18 @@ def retract_fused(
         raise ValueError("snapshots, proposals and scales differ in length")
     if retraction not in ("polar", "exp"):
         raise ValueError(f"retraction must be 'polar' or 'exp', got {retraction!r}")
-    coefficients = polar_coefficients if retraction == "polar" else exp_coefficients
+    if retraction == "polar":
+        def coefficients(g: Tensor, sc: Tensor) -> tuple[Tensor, Tensor]:
+            return polar_coefficients(g, sc, solver)
+    else:
+        coefficients = exp_coefficients
+    with exact_float32():
+        return _retract_groups(snapshots, proposals, scales, coefficients, outs, reduce)
+
+
+def _retract_groups(snapshots: Sequence[Tensor], proposals: Sequence[Tensor],
+                    scales: Sequence[float], coefficients: Callable, outs: Sequence[Tensor] | None,
+                    reduce: Reduce | None) -> list[Tensor]:
     results: list[Tensor | None] = list(outs) if outs is not None else [None] * len(snapshots)
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(snapshots):
@@ -307,6 +346,12 @@ def riemannian_grad_(xs: Sequence[Tensor], grads: Sequence[Tensor],
         grads: Their gradients, same shapes, written in place.
         reduce: In-place reduction of a ``(k, r, r)`` tensor, or ``None``.
     """
+    with exact_float32():
+        _riemannian_grad_groups(xs, grads, reduce)
+
+
+def _riemannian_grad_groups(xs: Sequence[Tensor], grads: Sequence[Tensor],
+                            reduce: Reduce | None) -> None:
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
         groups.setdefault((x.shape[-1], x.dtype, x.device), []).append(i)
