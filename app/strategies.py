@@ -109,9 +109,8 @@ def gather_kept(model: torch.nn.Module, keep: set[str], shapes: dict[str, torch.
     dist.all_gather(all_sizes, sizes)
     totals = [int(s.sum()) for s in all_sizes]
     buffer = torch.zeros(max(totals), dtype=dtype, device=device)
-    if pieces:
-        flat = torch.cat([t.to(dtype) for t in pieces])
-        buffer[:flat.numel()] = flat
+    flat = torch.cat([t.to(dtype) for t in pieces])
+    buffer[:flat.numel()] = flat
     gathered = [torch.empty_like(buffer) for _ in range(world)]
     dist.all_gather(gathered, buffer)
     per_rank = [list(torch.split(g[:total], s.tolist()))
